@@ -1,0 +1,142 @@
+"""Request dependencies: a database session, Redis, and the authenticated principal."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
+
+from shared import keys
+from shared.config import Settings, get_settings
+from shared.db import SessionLocal, get_engine
+from shared.ratelimit import TokenBucket
+
+__all__ = [
+    "SessionDep",
+    "SettingsDep",
+    "RedisDep",
+    "Principal",
+    "require",
+    "redis_sync",
+    "redis_async",
+]
+
+log = logging.getLogger(__name__)
+
+
+def get_session() -> Iterator[Session]:
+    get_engine()
+    session = SessionLocal()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@lru_cache
+def redis_sync() -> Redis:
+    return Redis.from_url(get_settings().redis_url, socket_connect_timeout=2, socket_timeout=5)
+
+
+@lru_cache
+def redis_async() -> AsyncRedis:
+    return AsyncRedis.from_url(get_settings().redis_url, socket_connect_timeout=2)
+
+
+@lru_cache
+def _bucket() -> TokenBucket:
+    return TokenBucket(redis_sync())
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[Redis, Depends(redis_sync)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key's tenant, scopes and rate."""
+
+    key_id: int
+    tenant: str
+    scopes: frozenset[str]
+    rate_limit_per_s: float | None
+
+
+#: Key hash → (principal, expiry). A revoked key stops working within this many seconds.
+_KEY_CACHE_S = 10.0
+_key_cache: dict[str, tuple[Principal | None, float]] = {}
+
+
+def _authenticate(request: Request, session: Session) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    digest = keys.hash_key(value.strip())
+    cached = _key_cache.get(digest)
+    now = time.monotonic()
+    if cached is not None and cached[1] > now:
+        principal = cached[0]
+    else:
+        row = keys.lookup(session, value.strip())
+        principal = (
+            Principal(row.id, row.tenant, frozenset(row.scopes), row.rate_limit_per_s)
+            if row is not None
+            else None
+        )
+        _key_cache[digest] = (principal, now + _KEY_CACHE_S)
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked API key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+def _rate_limit(principal: Principal, settings: Settings) -> None:
+    rate = principal.rate_limit_per_s
+    if rate is None:
+        rate = settings.rate_limit_per_s
+    if rate <= 0:
+        return
+    burst = max(1, int(settings.rate_limit_burst if principal.rate_limit_per_s is None else rate))
+    try:
+        allowed, wait = _bucket().allow(settings.key("rate", principal.key_id), rate, burst)
+    except RedisError:
+        # The limiter fails open: Redis being down is answered where it matters (503 on submit).
+        log.warning("rate limiter unavailable", exc_info=True)
+        return
+    if not allowed:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"rate limit of {rate:g} requests/s for this key exceeded",
+            headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+        )
+
+
+def require(scope: str):  # type: ignore[no-untyped-def]
+    """Dependency: an authenticated, rate-limited principal holding ``scope`` (else 401/403/429)."""
+
+    def dependency(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
+        principal = _authenticate(request, session)
+        if scope not in principal.scopes:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"this key lacks the {scope!r} scope")
+        _rate_limit(principal, settings)
+        return principal
+
+    return Depends(dependency)

@@ -1,0 +1,185 @@
+"""Assembles the FastAPI app: routers, middleware, error handlers, start-up."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as BrokerError
+from prometheus_client import REGISTRY, Histogram
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import redis_async, redis_sync
+from api.routes import jobs, models, ops
+from api.routes.jobs import BrokerUnavailableError
+from api.waiter import waiter
+from shared import keys
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.logs import configure_logging
+from shared.metrics import StatsCollector
+from workers.app import PRIORITIES, QUEUES
+
+log = logging.getLogger("inferq.api")
+
+REQUEST_SECONDS = Histogram(
+    "inferq_http_request_duration_seconds",
+    "API request latency.",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+_collector_registered = False
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over INFERQ_MAX_BODY_BYTES, refused before they are read past the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body over {self.limit} bytes (INFERQ_MAX_BODY_BYTES)"},
+            status_code=413,
+        )
+        await response({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {k: v for k, v in e.items() if k in ("type", "loc", "msg", "input")} for e in exc.errors()
+    ]
+    return JSONResponse({"detail": _finite(jsonable_encoder(errors))}, status_code=422)
+
+
+def _unavailable(what: str):  # type: ignore[no-untyped-def]
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s unavailable on %s %s: %s", what, request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": f"{what} unavailable; nothing was accepted, retry later"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    return handler
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def _bootstrap() -> None:
+    value = get_settings().bootstrap_api_key
+    if value:
+        with session_scope() as session:
+            keys.ensure_key(session, value)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    global _collector_registered
+    try:
+        _bootstrap()
+    except DBAPIError as exc:
+        log.error("could not ensure the bootstrap API key (database unavailable): %s", exc)
+    if not _collector_registered:
+        REGISTRY.register(StatsCollector(redis_sync(), QUEUES, sorted(set(PRIORITIES.values()))))
+        _collector_registered = True
+    waiter.start(redis_async())
+    yield
+    await waiter.stop()
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(
+        title="inferq",
+        version="1",
+        summary="Asynchronous inference for scikit-learn models.",
+        lifespan=lifespan,
+    )
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.include_router(ops.router)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(DBAPIError, _unavailable("database"))
+    for exc in (BrokerError, BrokerUnavailableError, RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(exc, _unavailable("broker"))
+    app.add_exception_handler(Exception, _internal_error)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        REQUEST_SECONDS.labels(
+            request.method, getattr(route, "path", "unmatched"), response.status_code
+        ).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    return app
+
+
+configure_logging(level=get_settings().log_level, json_lines=get_settings().log_json, process="api")
+app = create_app()

@@ -1,0 +1,83 @@
+"""Operations: liveness, readiness per dependency, Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api.deps import redis_sync
+from shared.config import get_settings
+from shared.db import get_engine
+from workers.app import celery_app
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive (no dependency is checked)."""
+    return {"status": "ok"}
+
+
+def _check(fn: Any) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        detail = fn()
+        ok = True
+    except Exception as exc:
+        detail, ok = f"{type(exc).__name__}: {exc}", False
+    out = {"ok": ok, "ms": round((time.perf_counter() - start) * 1000, 1)}
+    if detail is not None:
+        out["detail"] = detail
+    return out
+
+
+def _database() -> None:
+    with get_engine().connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _redis() -> None:
+    redis_sync().ping()
+
+
+def _broker() -> None:
+    with celery_app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def _workers() -> str:
+    """Worker processes refresh a heartbeat key every few seconds (see workers.runtime)."""
+    names = list(redis_sync().scan_iter(get_settings().key("worker", "*"), count=1000))
+    if not names:
+        raise RuntimeError("no worker process has reported in the last 30 s")
+    return f"{len(names)} worker processes"
+
+
+def _readiness() -> dict[str, Any]:
+    return {
+        "database": _check(_database),
+        "redis": _check(_redis),
+        "broker": _check(_broker),
+        "workers": _check(_workers),
+    }
+
+
+@router.get("/readyz")
+async def readyz(response: Response) -> dict[str, Any]:
+    """Ready when the database, Redis, the broker and at least one worker answer; else 503."""
+    checks = await run_in_threadpool(_readiness)
+    ready = all(c["ok"] for c in checks.values())
+    if not ready:
+        response.status_code = 503
+    return {"status": "ready" if ready else "unavailable", "checks": checks}
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,110 @@
+"""Request and response bodies of the v1 API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+__all__ = [
+    "JobCreate",
+    "JobAccepted",
+    "JobPublic",
+    "JobSummary",
+    "JobList",
+    "ModelVersionPublic",
+    "ModelPublic",
+    "Problem",
+]
+
+
+# What a client sends to POST /v1/jobs.
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["predict", "score", "train"] = "predict"
+    model: str = Field(min_length=1, max_length=64)
+    version: StrictInt | None = Field(None, ge=1, description="Pin a version; default production.")
+    inputs: list[Any] | None = Field(None, description="predict: feature rows, one object each.")
+    entity_ids: list[StrictInt] | None = Field(
+        None, description="predict: ids in the model's feature table, instead of inputs."
+    )
+    segment: dict[str, Any] | None = Field(None, description="score: equality / IN filters.")
+    promote: Literal["never", "if_better", "always"] | None = Field(
+        None, description="train: promotion policy (default if_better)."
+    )
+    priority: Literal["low", "normal", "high"] = "normal"
+    callback_url: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+# The 202 (or the 200 of an idempotent replay).
+class JobAccepted(BaseModel):
+    id: str
+    type: str
+    status: str
+    model: str
+    model_version: int | None
+    created_at: str | None
+    links: dict[str, str]
+
+
+# A job as GET /v1/jobs/{id} shows it.
+class JobPublic(BaseModel):
+    id: str
+    type: str
+    status: str
+    model: str
+    model_version: int | None
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    attempts: int = 0
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    links: dict[str, str] = {}
+
+
+# A row of the jobs list (no result: fetch the job for that).
+class JobSummary(BaseModel):
+    id: str
+    type: str
+    status: str
+    model: str
+    model_version: int | None
+    created_at: str | None
+    finished_at: str | None
+    links: dict[str, str]
+
+
+# GET /v1/jobs: newest first; pass next_cursor back as ?cursor= for the next page.
+class JobList(BaseModel):
+    items: list[JobSummary]
+    next_cursor: str | None
+
+
+# One registered version.
+class ModelVersionPublic(BaseModel):
+    version: int
+    stage: str
+    metrics: dict[str, Any]
+    sha256: str
+    training_window: dict[str, Any] | None
+    created_at: str | None
+    promoted_at: str | None
+
+
+# A model: its kind, the production version's input schema, and every version.
+class ModelPublic(BaseModel):
+    name: str
+    kind: str
+    production_version: int | None
+    input_schema: dict[str, Any]
+    versions: list[ModelVersionPublic]
+
+
+# Error body for everything but validation (which uses FastAPI's detail list).
+class Problem(BaseModel):
+    detail: str

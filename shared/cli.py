@@ -1,0 +1,331 @@
+"""The ``inferq`` command line: processes, registry, keys, demo data and a client."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+__all__ = ["main"]
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from shared.config import get_settings
+
+    return get_settings()
+
+
+def _logging(process: str) -> None:
+    from shared.logs import configure_logging
+
+    s = _settings()
+    configure_logging(level=s.log_level, json_lines=s.log_json, process=process)
+
+
+@click.group()
+def main() -> None:
+    """inferq: asynchronous inference for scikit-learn models."""
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", default=None, type=int, help="API port (default INFERQ_API_PORT, 8000).")
+@click.option("--flower-port", default=5555, show_default=True)
+@click.option("--workers", default=None, type=int, help="Prefork processes (default 2).")
+@click.option("--data-dir", default=None, type=click.Path(path_type=Path))
+@click.option("--customers", default=20_000, show_default=True, help="Demo customers to seed.")
+def up(
+    port: int | None, flower_port: int, workers: int | None, data_dir: Path | None, customers: int
+) -> None:
+    """The whole stack on this machine: embedded servers where no URL is set."""
+    from shared.supervisor import run_stack
+
+    sys.exit(
+        run_stack(
+            port=port,
+            flower_port=flower_port,
+            workers=workers,
+            data_dir=data_dir,
+            customers=customers,
+        )
+    )
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default INFERQ_API_HOST).")
+@click.option("--port", default=None, type=int)
+@click.option("--processes", default=1, show_default=True, help="uvicorn worker processes.")
+def api(host: str | None, port: int | None, processes: int) -> None:
+    """The HTTP API (uvicorn)."""
+    import uvicorn
+
+    s = _settings()
+    uvicorn.run(
+        "api.main:app",
+        host=host or s.api_host,
+        port=port or s.api_port,
+        workers=processes,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-Q", "--queues", default="predict,score,ops", show_default=True)
+@click.option(
+    "-c", "--concurrency", default=None, type=int, help="Default INFERQ_WORKER_CONCURRENCY."
+)
+@click.option("-n", "--hostname", default=None, help="Celery node name.")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(queues: str, concurrency: int | None, hostname: str | None, celery_args: tuple) -> None:
+    """A Celery worker (prefork), one BLAS thread per process, SIGTERM = soft shutdown."""
+    for var in THREAD_VARS:
+        os.environ.setdefault(var, "1")
+    # Read by billiard at import: SIGTERM re-queues what the worker holds after a grace period.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    _logging("worker")
+    from workers.app import celery_app
+
+    s = _settings()
+    argv = [
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency or s.worker_concurrency),
+        "--loglevel",
+        s.log_level,
+        "-E",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if hostname:
+        argv += ["-n", hostname]
+    celery_app.worker_main([*argv, *celery_args])
+
+
+@main.command()
+def beat() -> None:
+    """Celery beat: the schedule of workers/beat.py. Run exactly one."""
+    _logging("beat")
+    from workers.app import celery_app
+
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", "--loglevel", s.log_level])
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True)
+def flower(host: str, port: int) -> None:
+    """Flower, always behind basic auth (INFERQ_FLOWER_USER / INFERQ_FLOWER_PASSWORD)."""
+    s = _settings()
+    if not s.flower_password:
+        raise click.UsageError("set INFERQ_FLOWER_PASSWORD: Flower never runs without auth")
+    from workers.app import celery_app
+
+    celery_app.start(
+        [
+            "flower",
+            f"--address={host}",
+            f"--port={port}",
+            f"--basic-auth={s.flower_user}:{s.flower_password}",
+            "--purge_offline_workers=60",
+        ]
+    )
+
+
+# --- database, data and registry -----------------------------------------------------
+
+
+def migrate_db() -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    ini = root / "alembic.ini"
+    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg.set_main_option("script_location", str(root / "migrations"))
+    command.upgrade(cfg, "head")
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the Alembic migrations (alembic upgrade head)."""
+    migrate_db()
+    click.echo("database at head")
+
+
+@main.command()
+@click.option("--customers", default=20_000, show_default=True)
+@click.option("--seed", "seed_value", default=42, show_default=True)
+def seed(customers: int, seed_value: int) -> None:
+    """Replace the customers table with deterministic synthetic customers."""
+    from tqdm import tqdm
+
+    from shared.db import get_engine
+    from shared.features import seed_customers
+
+    with tqdm(total=customers, unit="rows", desc="seeding customers", file=sys.stderr) as bar:
+        seed_customers(get_engine(), customers, seed=seed_value, on_progress=bar.update)
+    click.echo(f"seeded {customers} customers")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--promote", "promote", flag_value="always", help="Promote whatever the metrics.")
+@click.option(
+    "--if-better",
+    "promote",
+    flag_value="if_better",
+    default=True,
+    help="Promote if it beats production (default).",
+)
+@click.option("--no-promote", "promote", flag_value="never")
+def train(model: str, promote: str) -> None:
+    """Train a new version of MODEL (churn, demand, anomaly) and register it."""
+    _logging("cli")
+    from shared.catalog import SPECS
+    from shared.db import session_scope
+    from shared.training import train as train_model
+
+    if model not in SPECS:
+        raise click.BadParameter(f"unknown model {model!r}; known: {', '.join(SPECS)}")
+    with session_scope() as session:
+        result = train_model(session, model, promote=promote)
+    click.echo(json.dumps(result))
+
+
+@main.command("_bootstrap-demo", hidden=True)
+@click.option("--customers", default=20_000)
+def bootstrap_demo(customers: int) -> None:
+    """Seed demo customers and train every built-in model, where nothing is there yet."""
+    _logging("cli")
+    from sqlalchemy import text
+
+    from shared.catalog import SPECS
+    from shared.db import get_engine, session_scope
+    from shared.features import seed_customers
+    from shared.registry import production_versions
+    from shared.training import train as train_model
+
+    with session_scope() as session:
+        has_customers = session.execute(text("SELECT EXISTS (SELECT 1 FROM customers)")).scalar()
+    if not has_customers:
+        click.echo(f"inferq: seeding {customers} demo customers", err=True)
+        seed_customers(get_engine(), customers)
+    for name in SPECS:
+        with session_scope() as session:
+            if name not in production_versions(session):
+                click.echo(f"inferq: training the first {name} model", err=True)
+                train_model(session, name, promote="always")
+
+
+@main.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("list")
+def models_list() -> None:
+    from shared.db import session_scope
+    from shared.registry import list_versions
+
+    with session_scope() as session:
+        for v in list_versions(session):
+            metrics = " ".join(f"{k}={val:.4f}" for k, val in v.metrics.items())
+            click.echo(f"{v.name:10} v{v.version:<4} {v.stage:10} {v.kind:10} {metrics}")
+
+
+@models.command("promote")
+@click.argument("model")
+@click.argument("version", type=int)
+def models_promote(model: str, version: int) -> None:
+    from shared.db import session_scope
+    from shared.registry import promote
+
+    with session_scope() as session:
+        try:
+            promote(session, name=model, version=version)
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"{model} v{version} is now production")
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True)
+@click.option("--scopes", default="jobs:write,jobs:read", show_default=True)
+@click.option("--name", default="")
+@click.option("--rate", type=float, default=None, help="Requests/s for this key.")
+def keys_create(tenant: str, scopes: str, name: str, rate: float | None) -> None:
+    """Create a key; it is printed once and stored only as a hash."""
+    from shared.db import session_scope
+    from shared.keys import create_key
+
+    with session_scope() as session:
+        try:
+            _, value = create_key(
+                session, tenant=tenant, scopes=scopes.split(","), name=name, rate_limit_per_s=rate
+            )
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    click.echo(value)
+
+
+# --- client -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--input", "input_path", type=click.File("r"), help="JSON list of rows ('-' = stdin)."
+)
+@click.option("--entity-ids", default=None, help="Comma-separated ids instead of --input.")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--url", default=None, help="API base URL (default http://API_HOST:API_PORT).")
+@click.option("--api-key", envvar="INFERQ_API_KEY", required=True)
+def submit(
+    model: str, input_path, entity_ids: str | None, wait: bool, url: str | None, api_key: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Submit a predict job and (by default) wait for its result."""
+    import httpx
+
+    s = _settings()
+    base = url or f"http://{s.api_host}:{s.api_port}"
+    body: dict = {"type": "predict", "model": model}
+    if entity_ids:
+        body["entity_ids"] = [int(x) for x in entity_ids.split(",")]
+    elif input_path is not None:
+        body["inputs"] = json.load(input_path)
+    else:
+        raise click.UsageError("give --input ROWS.json or --entity-ids")
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=40) as client:
+        r = client.post("/v1/jobs", json=body)
+        if r.status_code >= 400:
+            raise click.ClickException(f"{r.status_code}: {r.text}")
+        job = r.json()
+        click.echo(f"job {job['id']} {job['status']}", err=True)
+        deadline = time.monotonic() + 600
+        while wait and job["status"] in ("queued", "running") and time.monotonic() < deadline:
+            job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 20}).json()
+        click.echo(json.dumps(job, indent=2))
+
+
+if __name__ == "__main__":
+    main()

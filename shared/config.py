@@ -1,0 +1,119 @@
+"""One settings object for the API, the workers, beat, the command line and migrations.
+
+Every setting is an environment variable prefixed ``INFERQ_`` (also read from ``.env``).
+Each default is safe for local use; the README lists them all.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings", "STACK_FILE"]
+
+#: Written by ``inferq up`` under the data directory: the URLs of the embedded servers, so
+#: that ``inferq keys create`` or ``inferq submit`` in another shell find the running stack.
+STACK_FILE = "stack.json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", env_file=".env", extra="ignore")
+
+    env: str = Field("development", description="development | production")
+    data_dir: Path = Field(Path("var"), description="Embedded servers, artifacts, beat state.")
+
+    # Servers. Empty means: the embedded servers of a running `inferq up`, else localhost.
+    database_url: str = ""
+    redis_url: str = ""
+    broker_url: str = Field("", description="Celery broker; defaults to redis_url.")
+
+    model_dir: Path | None = Field(None, description="Model artifacts; default data_dir/models.")
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_url: str = Field("", description="Base URL used in links; default relative.")
+    bootstrap_api_key: str = Field("", description="Ensures an admin key with this value exists.")
+    max_rows: int = Field(10_000, description="Rows per predict job.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, description="Request body limit (413 past it).")
+    rate_limit_per_s: float = Field(2000.0, description="Token refill per key per second; 0 = off.")
+    rate_limit_burst: int = Field(4000, description="Token bucket size per key.")
+    registry_cache_s: float = Field(2.0, description="API cache of production versions, seconds.")
+
+    # Redis data
+    redis_prefix: str = "inferq"
+    result_ttl_s: int = Field(24 * 3600, description="Hot job state and results in Redis.")
+    feature_cache_ttl_s: int = Field(300, description="Feature rows read for entity_ids.")
+
+    # Workers and reliability. soft < hard < visibility timeout, checked below.
+    predict_soft_time_limit_s: int = 60
+    predict_time_limit_s: int = 90
+    long_soft_time_limit_s: int = 1800
+    long_time_limit_s: int = 2100
+    visibility_timeout_s: int = 3600
+    max_attempts: int = Field(3, description="Deliveries of one job before it fails for good.")
+    worker_concurrency: int = Field(2, description="Prefork processes per worker.")
+    model_poll_s: float = Field(5.0, description="How often workers look for promotions.")
+
+    # Beat
+    sweep_every_s: float = Field(15.0, description="Sweeper period.")
+    requeue_after_s: float = Field(30.0, description="A queued job older than this is re-sent.")
+    running_lease_s: float = Field(
+        600.0, description="A running job with no heartbeat for this long is re-sent."
+    )
+    prediction_log_retention_days: int = 30
+    nightly_score_cron: str = Field("0 2 * * *", description="Nightly churn scoring, UTC.")
+
+    # Flower
+    flower_user: str = "admin"
+    flower_password: str = Field("", description="Required: Flower never runs without auth.")
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        stack = self.stack_urls()
+        if not self.database_url:
+            self.database_url = stack.get(
+                "database_url", "postgresql+psycopg2://postgres@127.0.0.1:5432/inferq"
+            )
+        if not self.redis_url:
+            self.redis_url = stack.get("redis_url", "redis://127.0.0.1:6379/0")
+        if not self.broker_url:
+            self.broker_url = self.redis_url
+        if self.model_dir is None:
+            self.model_dir = self.data_dir / "models"
+        if not (
+            self.predict_soft_time_limit_s < self.predict_time_limit_s < self.visibility_timeout_s
+            and self.long_soft_time_limit_s < self.long_time_limit_s < self.visibility_timeout_s
+        ):
+            raise ValueError(
+                "time limits must satisfy soft < hard < INFERQ_VISIBILITY_TIMEOUT_S "
+                "or a redelivered task could run while the first is still alive"
+            )
+        if self.env == "production" and self.flower_password in ("", "changeme", "admin"):
+            # Placeholder credentials are refused outside development.
+            raise ValueError("INFERQ_FLOWER_PASSWORD must be set to a real secret in production")
+        return self
+
+    def stack_urls(self) -> dict[str, str]:
+        """URLs a running `inferq up` wrote for its embedded servers, if any."""
+        path = self.data_dir / STACK_FILE
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def key(self, *parts: object) -> str:
+        """A Redis key under this deployment's prefix."""
+        return ":".join([self.redis_prefix, *map(str, parts)])
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

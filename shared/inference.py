@@ -1,0 +1,141 @@
+"""Online inference for a set of predict jobs: one vectorised call per model version.
+
+Jobs pinned to the same (model, version) are encoded together and predicted in one call,
+then split back per job. A job whose rows break the call is isolated: the others are
+predicted again without it, so one bad job never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from redis import Redis
+from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from shared.features import load_features
+from shared.inputs import encode_rows
+from shared.orm import Job, PredictionLog
+from shared.registry import IntegrityError, LoadedModel, ModelCache
+
+__all__ = ["Outcome", "run_predict_jobs", "write_prediction_logs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What a batch of predict jobs produced: results, per-job errors, log rows."""
+
+    results: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rows_for(jobs: list[Job], engine: Engine, redis: Redis, out: Outcome) -> dict[uuid.UUID, list]:
+    """Each job's input rows; entity jobs read the feature table through the cache."""
+    wanted = sorted({e for j in jobs for e in j.request.get("entity_ids") or []})
+    features = load_features(engine, redis, wanted) if wanted else {}
+    rows: dict[uuid.UUID, list] = {}
+    for job in jobs:
+        ids = job.request.get("entity_ids")
+        if ids is None:
+            rows[job.id] = job.request["inputs"]
+            continue
+        unknown = [e for e in ids if e not in features]
+        if unknown:
+            out.errors[job.id] = ("unknown_entity", f"no features for entity ids {unknown[:10]}")
+        else:
+            rows[job.id] = [features[e] for e in ids]
+    return rows
+
+
+def _predict(model: LoadedModel, rows: list[dict[str, Any]]) -> tuple[np.ndarray, Any]:
+    return model.predict(encode_rows(rows, model.schema))
+
+
+def _record(
+    out: Outcome, job: Job, model: LoadedModel, rows: list, scores: Any, labels: Any
+) -> None:
+    entity_ids = job.request.get("entity_ids")
+    preds = []
+    for i, score in enumerate(scores.tolist()):
+        label = None if labels is None else bool(labels[i])
+        pred: dict[str, Any] = {"score": score, "label": label}
+        if entity_ids is not None:
+            pred["entity_id"] = entity_ids[i]
+        preds.append(pred)
+        out.logs.append(
+            {
+                "job_id": job.id,
+                "row": i,
+                "model": model.name,
+                "version": model.version,
+                "inputs": rows[i],
+                "score": score,
+                "label": label,
+            }
+        )
+    out.results[job.id] = {"predictions": preds}
+
+
+def run_predict_jobs(
+    session: Session, engine: Engine, redis: Redis, models: ModelCache, jobs: list[Job]
+) -> Outcome:
+    out = Outcome()
+    rows = _rows_for(jobs, engine, redis, out)
+    groups: dict[tuple[str, int], list[Job]] = defaultdict(list)
+    for job in jobs:
+        if job.id in rows:
+            groups[(job.model, job.model_version or 0)].append(job)
+    for (name, version), group in groups.items():
+        try:
+            model = models.get(session, name, version)
+        except (LookupError, IntegrityError, OSError) as exc:
+            log.error("model %s v%s unavailable: %s", name, version, exc)
+            for job in group:
+                out.errors[job.id] = ("model_unavailable", f"{name} v{version}: {exc}")
+            continue
+        _predict_group(out, model, group, rows)
+    return out
+
+
+def _predict_group(out: Outcome, model: LoadedModel, group: list[Job], rows: dict) -> None:
+    batch = [r for job in group for r in rows[job.id]]
+    try:
+        scores, labels = _predict(model, batch)
+    except Exception:
+        if len(group) == 1:
+            job = group[0]
+            log.exception("prediction failed", extra={"job_id": str(job.id)})
+            out.errors[job.id] = ("prediction_failed", "the model could not score these inputs")
+            return
+        # Isolate the culprit: each job alone.
+        for job in group:
+            _predict_group(out, model, [job], rows)
+        return
+    start = 0
+    for job in group:
+        n = len(rows[job.id])
+        end = start + n
+        _record(
+            out,
+            job,
+            model,
+            rows[job.id],
+            scores[start:end],
+            None if labels is None else labels[start:end],
+        )
+        start = end
+
+
+def write_prediction_logs(session: Session, logs: list[dict[str, Any]]) -> None:
+    """One multi-row insert; (job_id, row) already logged by an earlier delivery is skipped."""
+    if logs:
+        session.execute(pg_insert(PredictionLog).on_conflict_do_nothing(), logs)

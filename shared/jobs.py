@@ -1,0 +1,232 @@
+"""The job store: Postgres is the ledger, Redis holds a hot copy of each job's public view.
+
+Status changes only through the compare-and-set functions here, so a second delivery of a
+task, a cancel racing a finish, or a sweeper re-send can never move a job backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from shared.config import get_settings
+from shared.metrics import record_ended
+from shared.orm import Job
+
+__all__ = [
+    "JobStatus",
+    "TERMINAL",
+    "DONE_CHANNEL",
+    "public_view",
+    "mirror",
+    "read_hot",
+    "claim",
+    "finish",
+    "fail",
+    "cancel",
+    "set_progress",
+    "heartbeat",
+]
+
+log = logging.getLogger(__name__)
+
+
+class JobStatus(StrEnum):
+    """queued → running → succeeded | failed | cancelled. Terminal states never change."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+#: Redis pub/sub channel: a job id is published when the job reaches a terminal state.
+DONE_CHANNEL = "done"
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts else None
+
+
+def public_view(job: Job) -> dict[str, Any]:
+    """The job as ``GET /v1/jobs/{id}`` shows it (without ``links``, added by the API)."""
+    return {
+        "id": str(job.id),
+        "type": job.type,
+        "status": job.status,
+        "model": job.model,
+        "model_version": job.model_version,
+        "progress": job.progress,
+        "result": job.result,
+        "error": job.error,
+        "metadata": job.meta,
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+def mirror(redis: Redis, jobs: list[Job], *, pipe: Any = None) -> None:
+    """Write the hot copy of each job to Redis (TTL ``INFERQ_RESULT_TTL_S``).
+
+    Terminal jobs are also announced on the done channel, which wakes long-polls.
+    """
+    settings = get_settings()
+    p = pipe if pipe is not None else redis.pipeline(transaction=False)
+    record_ended(p, [j for j in jobs if j.status in TERMINAL])
+    for job in jobs:
+        doc = {"tenant": job.tenant, "view": public_view(job)}
+        p.set(settings.key("job", job.id), json.dumps(doc), ex=settings.result_ttl_s)
+        if job.status in TERMINAL:
+            p.publish(settings.key(DONE_CHANNEL), str(job.id))
+    if pipe is None:
+        p.execute()
+
+
+def read_hot(redis: Redis, job_id: uuid.UUID) -> dict[str, Any] | None:
+    raw = redis.get(get_settings().key("job", job_id))
+    return json.loads(raw) if raw else None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def claim(session: Session, job_ids: list[uuid.UUID], *, worker: str, task_id: str) -> list[Job]:
+    """Move jobs to ``running`` for this delivery; returns the jobs this delivery may run.
+
+    A job is taken when it is queued; when it is running under this same task id (the
+    message was redelivered because its worker died); or when it is running but its lease
+    ran out (no heartbeat for ``INFERQ_RUNNING_LEASE_S``). A duplicate message sent while
+    another delivery is alive takes nothing. Each take counts an attempt; past
+    ``INFERQ_MAX_ATTEMPTS`` the job fails for good instead.
+    """
+    settings = get_settings()
+    now = _now()
+    lease_cutoff = datetime.fromtimestamp(now.timestamp() - settings.running_lease_s, UTC)
+    takeable = and_(
+        Job.id.in_(job_ids),
+        or_(
+            Job.status == JobStatus.QUEUED,
+            and_(
+                Job.status == JobStatus.RUNNING,
+                or_(Job.worker.like(f"%/{task_id}"), Job.heartbeat_at < lease_cutoff),
+            ),
+        ),
+    )
+    exhausted = session.scalars(
+        update(Job)
+        .where(takeable, Job.attempts >= settings.max_attempts)
+        .values(
+            status=JobStatus.FAILED,
+            finished_at=now,
+            error={
+                "code": "too_many_attempts",
+                "message": f"gave up after {settings.max_attempts} attempts "
+                "(the worker running it died or timed out each time)",
+            },
+        )
+        .returning(Job)
+    ).all()
+    taken = session.scalars(
+        update(Job)
+        .where(takeable)
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            worker=f"{worker}/{task_id}",
+            started_at=now,
+            heartbeat_at=now,
+        )
+        .returning(Job)
+    ).all()
+    for job in exhausted:
+        log.warning("job %s failed: too many attempts", job.id, extra={"job_id": str(job.id)})
+    return list(exhausted) + list(taken)
+
+
+def finish(
+    session: Session,
+    results: dict[uuid.UUID, dict[str, Any]],
+    *,
+    progress: dict[uuid.UUID, dict[str, int]] | None = None,
+) -> list[Job]:
+    """running → succeeded with each job's result; jobs cancelled meanwhile stay cancelled."""
+    now = _now()
+    done = []
+    for job_id, result in results.items():
+        values: dict[str, Any] = {
+            "status": JobStatus.SUCCEEDED,
+            "result": result,
+            "finished_at": now,
+        }
+        if progress and job_id in progress:
+            values["progress"] = progress[job_id]
+        job = session.scalar(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+            .values(**values)
+            .returning(Job)
+        )
+        if job is not None:
+            done.append(job)
+    return done
+
+
+def fail(session: Session, job_id: uuid.UUID, *, code: str, message: str) -> Job | None:
+    """queued | running → failed with a client-readable error (never a traceback)."""
+    return session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(
+            status=JobStatus.FAILED, finished_at=_now(), error={"code": code, "message": message}
+        )
+        .returning(Job)
+    )
+
+
+def cancel(session: Session, job_id: uuid.UUID, *, tenant: str) -> tuple[Job | None, bool]:
+    """(job, changed): queued | running → cancelled. An ended job is returned unchanged."""
+    job = session.scalar(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.tenant == tenant,
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        )
+        .values(status=JobStatus.CANCELLED, finished_at=_now())
+        .returning(Job)
+    )
+    if job is not None:
+        return job, True
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant)), False
+
+
+def set_progress(session: Session, job_id: uuid.UUID, *, done: int, total: int) -> Job | None:
+    """Record progress of a running job (also its heartbeat)."""
+    return session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(progress={"done": done, "total": total}, heartbeat_at=_now())
+        .returning(Job)
+    )
+
+
+def heartbeat(session: Session, job_id: uuid.UUID) -> str | None:
+    """Renew a running job's lease; returns its status (``cancelled`` tells the task to stop)."""
+    session.execute(
+        text("UPDATE jobs SET heartbeat_at = now() WHERE id = :id AND status = 'running'"),
+        {"id": job_id},
+    )
+    return session.scalar(select(Job.status).where(Job.id == job_id))

@@ -1,0 +1,217 @@
+"""SQLAlchemy 2 models: the durable record. Alembic migrations create exactly these tables."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Base",
+    "ApiKey",
+    "Job",
+    "ModelVersion",
+    "Customer",
+    "Prediction",
+    "PredictionLog",
+    "ScoringRun",
+]
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB}
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class ApiKey(Base):
+    """A client credential: only the SHA-256 of the key is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    rate_limit_per_s: Mapped[float | None] = mapped_column(Double, nullable=True)
+    created_at: Mapped[datetime] = _now()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Job(Base):
+    """One unit of client work. Status changes only through ``shared.jobs`` compare-and-sets."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_tenant_created", "tenant", text("created_at DESC"), text("id DESC")),
+        Index(
+            "uq_jobs_tenant_idempotency_key",
+            "tenant",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        # The sweeper's scan: only unfinished jobs, which are few.
+        Index(
+            "ix_jobs_unfinished",
+            "status",
+            "created_at",
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(8), default="normal")
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = _now()
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ModelVersion(Base):
+    """A registered model version: artifact on disk, verified by sha256 before loading."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        # At most one production version per model name.
+        Index(
+            "uq_model_versions_production",
+            "name",
+            unique=True,
+            postgresql_where=text("stage = 'production'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    artifact_path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    input_schema: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    threshold: Mapped[float | None] = mapped_column(Double, nullable=True)
+    training_window: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    stage: Mapped[str] = mapped_column(String(16), default="staging")
+    created_at: Mapped[datetime] = _now()
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Customer(Base):
+    """The churn feature table: one row per customer, the nine declared features."""
+
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    tenure_months: Mapped[int] = mapped_column(SmallInteger)
+    monthly_spend: Mapped[float] = mapped_column(Double)
+    support_tickets: Mapped[int] = mapped_column(SmallInteger)
+    feature_usage_pct: Mapped[float] = mapped_column(Double)
+    last_login_days_ago: Mapped[int] = mapped_column(SmallInteger)
+    num_integrations: Mapped[int] = mapped_column(SmallInteger)
+    contract_type: Mapped[str] = mapped_column(String(16))
+    plan_tier: Mapped[str] = mapped_column(String(16))
+    is_enterprise: Mapped[int] = mapped_column(SmallInteger)
+    churned: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    updated_at: Mapped[datetime] = _now()
+
+
+class ScoringRun(Base):
+    """One population scoring run; ``schedule_key`` makes a scheduled run unique per night."""
+
+    __tablename__ = "scoring_runs"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    segment: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    schedule_key: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    rows_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_scored: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class Prediction(Base):
+    """A score job's row; (run_id, entity_id) is unique so a chunk run twice writes nothing new."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (Index("ix_predictions_entity_latest", "entity_id", text("scored_at DESC")),)
+
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    entity_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Double)
+    label: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    scored_at: Mapped[datetime] = _now()
+
+
+class PredictionLog(Base):
+    """Every online prediction, bulk-written; (job_id, row) makes redelivery harmless."""
+
+    __tablename__ = "prediction_logs"
+    __table_args__ = (
+        UniqueConstraint("job_id", "row"),
+        Index("ix_prediction_logs_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    row: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    score: Mapped[float] = mapped_column(Double)
+    label: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    created_at: Mapped[datetime] = _now()

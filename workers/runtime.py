@@ -1,0 +1,75 @@
+"""Per-process worker state: the model cache, a Redis client, and the promotion watcher."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from functools import lru_cache
+
+from celery.signals import worker_process_init, worker_process_shutdown
+from redis import Redis
+from threadpoolctl import threadpool_limits
+
+from shared.config import get_settings
+from shared.db import dispose_engine, session_scope
+from shared.registry import ModelCache
+
+__all__ = ["models", "redis_client", "worker_name"]
+
+log = logging.getLogger(__name__)
+
+#: One cache per process; versions are immutable so entries never go stale.
+models = ModelCache()
+_stop = threading.Event()
+
+
+@lru_cache
+def redis_client() -> Redis:
+    return Redis.from_url(get_settings().redis_url, socket_connect_timeout=3, socket_timeout=10)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _warm() -> None:
+    try:
+        # Readiness: /readyz counts these keys to know that some worker is alive.
+        s = get_settings()
+        redis_client().set(s.key("worker", worker_name()), "1", ex=max(30, int(3 * s.model_poll_s)))
+    except Exception:
+        log.warning("could not report to Redis", exc_info=True)
+    try:
+        with session_scope() as session:
+            loaded = models.warm(session)
+        if loaded:
+            log.info("preloaded production versions %s", loaded)
+    except Exception:  # a database blip must not kill the watcher
+        log.exception("could not check the registry for promotions")
+
+
+def _watch_promotions() -> None:
+    """Preload each newly promoted version, so the first job on it never pays the load."""
+    interval = get_settings().model_poll_s
+    while not _stop.wait(interval):
+        _warm()
+
+
+@worker_process_init.connect
+def _init_process(**_: object) -> None:
+    # The parent's connections must not be shared with a forked child.
+    dispose_engine()
+    redis_client.cache_clear()
+    threadpool_limits(1)
+    _warm()
+    threading.Thread(target=_watch_promotions, name="promotion-watcher", daemon=True).start()
+
+
+@worker_process_shutdown.connect
+def _shutdown_process(**_: object) -> None:
+    _stop.set()
+    with contextlib.suppress(Exception):
+        redis_client().delete(get_settings().key("worker", worker_name()))

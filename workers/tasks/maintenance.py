@@ -1,0 +1,70 @@
+"""Beat's housekeeping: the stuck-job sweeper and prediction-log retention."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, delete, or_, select, update
+
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.jobs import JobStatus
+from shared.orm import Job, PredictionLog
+from workers.app import celery_app
+from workers.dispatch import enqueue
+
+log = logging.getLogger(__name__)
+
+#: Jobs re-sent per sweep; the next sweep takes the rest.
+SWEEP_LIMIT = 5000
+
+
+def sweep_once() -> int:
+    """Re-send queued jobs older than INFERQ_REQUEUE_AFTER_S and running jobs whose lease ran out.
+
+    Re-sending is always safe: a task claims a job by compare-and-set, so a duplicate
+    message for a job that another delivery holds does nothing.
+    """
+    s = get_settings()
+    now = datetime.now(UTC)
+    queued_cutoff = now - timedelta(seconds=s.requeue_after_s)
+    lease_cutoff = now - timedelta(seconds=s.running_lease_s)
+    with session_scope() as session:
+        rows = session.execute(
+            select(Job.id, Job.type, Job.priority)
+            .where(
+                or_(
+                    and_(
+                        Job.status == JobStatus.QUEUED,
+                        or_(Job.enqueued_at.is_(None), Job.enqueued_at < queued_cutoff),
+                        Job.created_at < queued_cutoff,
+                    ),
+                    and_(Job.status == JobStatus.RUNNING, Job.heartbeat_at < lease_cutoff),
+                )
+            )
+            .order_by(Job.created_at)
+            .limit(SWEEP_LIMIT)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not rows:
+            return 0
+        enqueue([(r.id, r.type, r.priority) for r in rows])
+        session.execute(update(Job).where(Job.id.in_([r.id for r in rows])).values(enqueued_at=now))
+    log.warning("sweeper re-sent %d stuck jobs", len(rows))
+    return len(rows)
+
+
+@celery_app.task(name="ops.sweep", queue="ops")
+def sweep() -> int:
+    return sweep_once()
+
+
+@celery_app.task(name="ops.prune_prediction_logs", queue="ops")
+def prune_prediction_logs() -> int:
+    days = get_settings().prediction_log_retention_days
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    with session_scope() as session:
+        n = session.execute(delete(PredictionLog).where(PredictionLog.created_at < cutoff)).rowcount
+    log.info("pruned %d prediction logs older than %d days", n, days)
+    return int(n or 0)
