@@ -7,6 +7,7 @@ request histogram into Prometheus text. No per-process exporter, no multiprocess
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -19,8 +20,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from redis import Redis
+from redis.exceptions import RedisError
 
 from shared.config import get_settings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["record_ended", "count", "StatsCollector", "RUNTIME_BUCKETS", "SCORE_BUCKETS"]
 
@@ -92,7 +96,20 @@ class StatsCollector(Collector):
         prefix = f"{get_settings().redis_prefix}:celery:"
         return [prefix + (f"{queue}:{p}" if p else queue) for p in self._steps]
 
+    def describe(self) -> list[Metric]:
+        # Registration must not touch Redis: the API starts (and answers 503) without it.
+        return []
+
     def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._collect()
+        except RedisError as exc:
+            up = GaugeMetricFamily("inferq_stats_up", "Whether the shared stats could be read.")
+            up.add_metric([], 0.0)
+            yield up
+            log.warning("metrics: Redis unavailable (%s)", exc)
+
+    def _collect(self) -> Iterator[Metric]:
         raw = {k.decode(): float(v) for k, v in self._redis.hgetall(_stats_key()).items()}
         jobs = CounterMetricFamily(
             "inferq_jobs", "Jobs ended, by type and status.", labels=["type", "status"]

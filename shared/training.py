@@ -80,7 +80,8 @@ def train(
     promoted = False
     if promote == "always" or current is None and promote == "if_better":
         promoted = True
-    elif promote == "if_better" and current is not None:
+    elif promote == "if_better" and current is not None and spec.kind != "anomaly":
+        # Anomaly detectors have no labels to compare on: promote them explicitly.
         prod = registry.get_version(session, name, current)
         key = next(iter(metrics))
         promoted = prod is None or metrics[key] > prod.metrics.get(key, float("-inf"))

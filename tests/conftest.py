@@ -9,6 +9,7 @@ Each test gets its own tenant, so tests never see each other's jobs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -98,14 +99,10 @@ class Proc:
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.popen.wait()
 
     def tail(self, n: int = 40) -> str:
@@ -113,8 +110,9 @@ class Proc:
 
 
 def start_process(name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-    assert _base is not None
-    log = _base / f"{name}-{uuid.uuid4().hex[:6]}.log"
+    # Test modules import this file as tests.conftest, a second module object: the data dir
+    # set in pytest_configure, not a global, says where the session's files go.
+    log = Path(os.environ["INFERQ_DATA_DIR"]).parent / f"{name}-{uuid.uuid4().hex[:6]}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", *args],

@@ -1,0 +1,273 @@
+"""Every row of the error table, against the running API."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from shared.db import session_scope
+from tests.conftest import ROW, make_client, start_api, submit
+
+
+def _detail(r: httpx.Response) -> list[dict]:
+    assert r.status_code == 422, r.text
+    return r.json()["detail"]
+
+
+def _locs(r: httpx.Response) -> set[tuple]:
+    return {tuple(e["loc"]) for e in _detail(r)}
+
+
+# --- 401 / 403 ----------------------------------------------------------------------------
+
+
+def test_no_key_is_401(stack) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.post(stack.api_url + "/v1/jobs", json={"model": "churn", "inputs": [ROW]})
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert "API key" in r.json()["detail"]
+
+
+def test_bad_key_is_401(stack) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.get(stack.api_url + "/v1/jobs", headers={"Authorization": "Bearer iq_wrong"})
+    assert r.status_code == 401
+
+
+def test_missing_scope_is_403(stack) -> None:  # type: ignore[no-untyped-def]
+    with make_client(stack, scopes=("jobs:read",)) as reader:
+        r = submit(reader, inputs=[ROW])
+        assert r.status_code == 403
+        assert "jobs:write" in r.json()["detail"]
+        r = reader.post("/v1/models/churn/versions/1/promote")
+        assert r.status_code == 403
+        assert "models:admin" in r.json()["detail"]
+
+
+# --- 404 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid"])
+def test_unknown_job_is_404(client: httpx.Client, job_id: str) -> None:
+    r = client.get(f"/v1/jobs/{job_id}")
+    assert r.status_code == 404
+    assert r.json() == {"detail": "job not found"}
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_unknown_model_resource_is_404(admin: httpx.Client) -> None:
+    assert admin.get("/v1/models/nope").status_code == 404
+    assert admin.post("/v1/models/churn/versions/999/promote").status_code == 404
+
+
+# --- 409 ----------------------------------------------------------------------------------
+# (idempotency reuse and cancelling an ended job: see test_jobs.py)
+
+
+# --- 413 ----------------------------------------------------------------------------------
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(client: httpx.Client) -> None:
+    big = b'{"model": "churn", "inputs": [' + b" " * (8 * 1024 * 1024 + 10) + b"]}"
+    r = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert "INFERQ_MAX_BODY_BYTES" in r.json()["detail"]
+
+
+def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "churn", "inputs": ['
+        for _ in range(9):
+            yield b" " * (1024 * 1024)
+        yield b"]}"
+
+    r = client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_too_many_rows_is_413_naming_the_field(client: httpx.Client) -> None:
+    r = submit(client, inputs=[ROW] * 10_001)
+    assert r.status_code == 413
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "inputs"] and "10000" in err["msg"]
+    r = submit(client, entity_ids=list(range(1, 10_002)))
+    assert r.status_code == 413
+
+
+# --- 422 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "kind"),
+    [
+        ({"tenure_months": None}, "tenure_months", "missing"),
+        ({"favourite_colour": "blue"}, "favourite_colour", "extra_forbidden"),
+        ({"tenure_months": "12"}, "tenure_months", "int_type"),
+        ({"tenure_months": 12.5}, "tenure_months", "int_from_float"),
+        ({"is_enterprise": True}, "is_enterprise", "int_type"),
+        ({"monthly_spend": "a lot"}, "monthly_spend", "float_type"),
+        ({"contract_type": 3}, "contract_type", "string_type"),
+        ({"tenure_months": 0}, "tenure_months", "greater_than_equal"),
+        ({"feature_usage_pct": 1.01}, "feature_usage_pct", "less_than_equal"),
+        ({"monthly_spend": 100_000.5}, "monthly_spend", "less_than_equal"),
+        ({"plan_tier": "platinum"}, "plan_tier", "enum"),
+    ],
+)
+def test_bad_field_is_422_naming_row_and_field(
+    client: httpx.Client, change: dict, field: str, kind: str
+) -> None:
+    bad = {**ROW, **change}
+    if change.get(field, 0) is None:
+        del bad[field]
+    r = submit(client, inputs=[ROW, ROW, bad])
+    (err,) = _detail(r)
+    assert err["loc"] == ["body", "inputs", 2, field]
+    assert err["type"] == kind
+    assert err["msg"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_422(client: httpx.Client, literal: str) -> None:
+    body = json.dumps({"model": "churn", "inputs": [{**ROW, "monthly_spend": 1.5}]})
+    body = body.replace("1.5", literal)
+    r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    (err,) = _detail(r)
+    assert err["loc"] == ["body", "inputs", 0, "monthly_spend"]
+    assert err["type"] == "finite_number"
+    assert not (isinstance(err["input"], float) and math.isnan(err["input"]))
+
+
+def test_bounds_are_inclusive(client: httpx.Client) -> None:
+    edge = {
+        **ROW,
+        "tenure_months": 1,
+        "feature_usage_pct": 1,
+        "monthly_spend": 100_000,
+        "last_login_days_ago": 365,
+        "is_enterprise": 1,
+        "contract_type": "multi-year",
+    }
+    assert submit(client, inputs=[edge]).status_code == 202
+
+
+def test_many_bad_rows_report_a_bounded_list(client: httpx.Client) -> None:
+    r = submit(client, inputs=[{**ROW, "plan_tier": "x"}] * 500)
+    errors = _detail(r)
+    assert 1 < len(errors) <= 50
+    assert errors[0]["loc"] == ["body", "inputs", 0, "plan_tier"]
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"model": "churn", "inputs": []}, ("body", "inputs")),
+        ({"model": "churn"}, ("body", "inputs")),
+        ({"model": "churn", "inputs": [ROW], "entity_ids": [1]}, ("body", "inputs")),
+        ({"model": "nope", "inputs": [ROW]}, ("body", "model")),
+        ({"model": "churn", "version": 99, "inputs": [ROW]}, ("body", "version")),
+        ({"model": "churn", "inputs": ["not an object"]}, ("body", "inputs", 0)),
+        ({"model": "churn", "entity_ids": [1, 987654321]}, ("body", "entity_ids", 1)),
+        ({"model": "churn", "entity_ids": ["1"]}, ("body", "entity_ids", 0)),
+        ({"model": "churn", "inputs": [ROW], "colour": "red"}, ("body", "colour")),
+        ({"model": "churn", "type": "nope", "inputs": [ROW]}, ("body", "type")),
+        ({"model": "churn", "inputs": [ROW], "priority": "urgent"}, ("body", "priority")),
+        ({"model": "churn", "inputs": [ROW], "callback_url": "http://x"}, ("body", "callback_url")),
+        ({"model": "churn", "inputs": [ROW], "segment": {}}, ("body", "segment")),
+        ({"model": "demand", "entity_ids": [1]}, ("body", "entity_ids")),
+        ({"model": "lasso", "type": "train"}, ("body", "model")),
+    ],
+)
+def test_bad_request_is_422_naming_the_field(client: httpx.Client, body: dict, loc: tuple) -> None:
+    assert loc in _locs(client.post("/v1/jobs", json=body))
+
+
+def test_non_json_body_is_422(client: httpx.Client) -> None:
+    r = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("wait", ["31", "-1", "soon"])
+def test_wait_out_of_range_is_422(client: httpx.Client, wait: str) -> None:
+    job_id = submit(client, inputs=[ROW]).json()["id"]
+    r = client.get(f"/v1/jobs/{job_id}", params={"wait": wait})
+    assert ("query", "wait") in _locs(r)
+
+
+def test_bad_list_parameters_are_422(client: httpx.Client) -> None:
+    assert ("query", "status") in _locs(client.get("/v1/jobs", params={"status": "done"}))
+    assert ("query", "limit") in _locs(client.get("/v1/jobs", params={"limit": 0}))
+    assert ("query", "cursor") in _locs(client.get("/v1/jobs", params={"cursor": "zzz"}))
+
+
+def test_rejected_requests_record_nothing(client: httpx.Client) -> None:
+    tenant_jobs = client.get("/v1/jobs").json()["items"]
+    submit(client, inputs=[{**ROW, "plan_tier": "x"}])
+    submit(client, inputs=[ROW] * 10_001)
+    assert client.get("/v1/jobs").json()["items"] == tenant_jobs
+
+
+# --- 429 ----------------------------------------------------------------------------------
+
+
+def test_rate_limit_is_429_with_retry_after(stack) -> None:  # type: ignore[no-untyped-def]
+    with make_client(stack, rate=1.0) as slow:
+        first = slow.get("/v1/jobs")
+        second = slow.get("/v1/jobs")
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert int(second.headers["retry-after"]) >= 1
+    assert "rate limit" in second.json()["detail"]
+
+
+# --- 503 ----------------------------------------------------------------------------------
+
+
+def _count_jobs(tenant: str) -> int:
+    with session_scope() as session:
+        return int(
+            session.execute(
+                text("SELECT count(*) FROM jobs WHERE tenant = :t"), {"t": tenant}
+            ).scalar_one()
+        )
+
+
+def test_broker_down_is_503_and_nothing_is_accepted(stack) -> None:  # type: ignore[no-untyped-def]
+    from shared.embedded import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    api, url = start_api({"INFERQ_REDIS_URL": dead, "INFERQ_BROKER_URL": dead})
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        with make_client(stack, tenant=tenant, base_url=url) as c:
+            r = submit(c, inputs=[ROW])
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "5"
+        assert "retry later" in r.json()["detail"]
+        assert _count_jobs(tenant) == 0
+    finally:
+        api.stop()
+
+
+def test_database_down_is_503(stack) -> None:  # type: ignore[no-untyped-def]
+    from shared.embedded import free_port
+
+    dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/inferq"
+    api, url = start_api({"INFERQ_DATABASE_URL": dead})
+    try:
+        r = httpx.post(
+            url + "/v1/jobs",
+            json={"model": "churn", "inputs": [ROW]},
+            headers={"Authorization": "Bearer whatever"},
+            timeout=30,
+        )
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "5"
+        ready = httpx.get(url + "/readyz", timeout=30)
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"]["ok"] is False
+    finally:
+        api.stop()

@@ -1,0 +1,173 @@
+"""The 202 promise under failure: SIGKILLed workers, lost messages, promotions mid-flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from sqlalchemy import update
+
+from shared.db import session_scope
+from shared.orm import Job
+from tests.conftest import ROW, Stack, start_process, submit, wait_done, wait_for
+
+
+def _job(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        return job
+
+
+def test_worker_killed_mid_job_the_job_still_succeeds(stack: Stack, admin: httpx.Client) -> None:
+    job_id = submit(admin, type="train", promote="never").json()["id"]
+    running = wait_for(
+        lambda: (j := _job(job_id)).status == "running" and j, 30, "the job to start", step=0.01
+    )
+    pid = int(running.worker.split("/")[0].rsplit(":", 1)[1])
+    assert pid in stack.worker_children()
+    os.kill(pid, signal.SIGKILL)  # the prefork child running the job dies mid-fit
+
+    job = wait_done(admin, job_id, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    assert job["result"]["version"] >= 2
+    assert pid not in stack.worker_children()  # the pool replaced the dead child
+    assert len(stack.worker_children()) == 2
+
+
+def test_attempts_are_capped(stack: Stack, client: httpx.Client) -> None:
+    """A job whose deliveries keep dying fails for good with a clear error."""
+    from tests.test_jobs import _queued_job
+
+    job_id = _queued_job(client)
+    with session_scope() as session:  # as if three workers had died holding it
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(
+                status="running",
+                attempts=3,
+                worker="gone:1/t",
+                heartbeat_at=datetime.now(UTC) - timedelta(hours=1),
+            )
+        )
+    from workers.tasks.maintenance import sweep_once
+
+    assert sweep_once() >= 1
+    job = wait_done(client, job_id)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "too_many_attempts"
+    assert "3 attempts" in job["error"]["message"]
+
+
+def test_beat_resends_a_job_that_never_reached_the_broker(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """Crash between commit and publish: the row exists, no message does. Beat's sweeper
+    (a real beat process) sends it, and the worker runs it."""
+    from tests.test_jobs import _queued_job
+
+    job_id = _queued_job(client)
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(created_at=datetime.now(UTC) - timedelta(minutes=5))
+        )
+    beat = start_process("beat", "beat", env={"INFERQ_SWEEP_EVERY_S": "1"})
+    try:
+        job = wait_done(client, job_id, timeout=30)
+    finally:
+        beat.stop()
+    assert job["status"] == "succeeded", beat.tail()
+    assert job["result"]["predictions"][0]["score"] > 0
+
+
+def test_a_running_job_whose_lease_expired_is_run_again(stack: Stack, client: httpx.Client) -> None:
+    """The whole worker (not just a child) died: its message waits for the visibility
+    timeout, but the sweeper sees the stale heartbeat and re-sends the job at once."""
+    from tests.test_jobs import _queued_job
+    from workers.tasks.maintenance import sweep_once
+
+    job_id = _queued_job(client)
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(
+                status="running",
+                attempts=1,
+                worker="dead-host:1/lost-task",
+                started_at=datetime.now(UTC) - timedelta(hours=1),
+                heartbeat_at=datetime.now(UTC) - timedelta(hours=1),
+            )
+        )
+    assert sweep_once() >= 1
+    job = wait_done(client, job_id)
+    assert job["status"] == "succeeded"
+    assert job["attempts"] == 2
+
+
+def test_a_duplicate_message_for_a_running_job_does_nothing(
+    stack: Stack, client: httpx.Client
+) -> None:
+    from tests.test_jobs import _queued_job
+    from workers.dispatch import enqueue
+
+    job_id = _queued_job(client)
+    alive = datetime.now(UTC)
+    with session_scope() as session:  # another delivery holds it and is alive
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(status="running", attempts=1, worker="other:1/other-task", heartbeat_at=alive)
+        )
+    enqueue([(uuid.UUID(job_id), "predict", "normal")])
+    time.sleep(1.5)
+    job = _job(job_id)
+    assert job.status == "running" and job.attempts == 1 and job.worker == "other:1/other-task"
+
+
+def test_promotion_is_picked_up_by_the_running_worker(stack: Stack, admin: httpx.Client) -> None:
+    from shared.inputs import encode_rows
+    from shared.registry import ModelCache
+    from shared.training import train
+
+    before = admin.get("/v1/models/churn").json()["production_version"]
+    with session_scope() as session:  # a visibly different model: fewer rows
+        new = train(session, "churn", promote="never", max_rows=3000)["version"]
+        expected = ModelCache().get(session, "churn", new)
+    score = float(expected.predict(encode_rows([ROW], expected.schema))[0][0])
+    try:
+        r = admin.post(f"/v1/models/churn/versions/{new}/promote")
+        assert r.status_code == 200 and r.json()["production_version"] == new
+        promoted_at = time.monotonic()
+
+        def on_new_version() -> dict | None:
+            job = wait_done(admin, submit(admin, inputs=[ROW]).json()["id"])
+            return job if job["model_version"] == new else None
+
+        job = wait_for(on_new_version, 10, "jobs to run on the promoted version", step=0.2)
+        assert time.monotonic() - promoted_at < 10
+        assert job["result"]["predictions"][0]["score"] == score
+
+        # Without a restart, the worker preloaded the version within its poll interval.
+        def preloaded() -> bool:
+            for line in stack.worker.log.read_text().splitlines():
+                if (
+                    line.startswith("{")
+                    and "preloaded" in line
+                    and f"('churn', {new})" in json.loads(line)["message"]
+                ):
+                    return True
+            return False
+
+        wait_for(preloaded, 10, "the worker to preload the new version", step=0.2)
+    finally:
+        admin.post(f"/v1/models/churn/versions/{before}/promote")
