@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(2, description="Prefork processes per worker.")
     model_poll_s: float = Field(5.0, description="How often workers look for promotions.")
 
+    score_chunk_rows: int = Field(
+        100_000, description="Rows per scoring chunk: the unit of work, memory and retry."
+    )
+
     # Beat
     sweep_every_s: float = Field(15.0, description="Sweeper period.")
     requeue_after_s: float = Field(30.0, description="A queued job older than this is re-sent.")
@@ -67,6 +71,7 @@ class Settings(BaseSettings):
     )
     prediction_log_retention_days: int = 30
     nightly_score_cron: str = Field("0 2 * * *", description="Nightly churn scoring, UTC.")
+    nightly_tenant: str = Field("default", description="Tenant that owns scheduled runs.")
 
     # Flower
     flower_user: str = "admin"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["validate_rows", "encode_rows", "feature_names", "MAX_REPORTED_ERRORS"]
+__all__ = ["check_value", "validate_rows", "encode_rows", "feature_names", "MAX_REPORTED_ERRORS"]
 
 #: A 10,000-row body with a bad column would otherwise answer 10,000 errors.
 MAX_REPORTED_ERRORS = 50
@@ -32,7 +32,7 @@ def feature_names(schema: Mapping[str, Any]) -> list[str]:
     return [f["name"] for f in schema["features"]]
 
 
-def _check(value: Any, spec: Mapping[str, Any]) -> tuple[str, str] | None:
+def check_value(value: Any, spec: Mapping[str, Any]) -> tuple[str, str] | None:
     """(error type, message) for a bad value, or None. Bounds are inclusive."""
     kind = spec["type"]
     if kind == "str":
@@ -87,7 +87,7 @@ def validate_rows(
             spec = specs.get(name)
             if spec is None:
                 continue
-            problem = _check(value, spec)
+            problem = check_value(value, spec)
             if problem is not None and add(problem[0], (i, name), problem[1], _jsonable(value)):
                 return errors
     return errors

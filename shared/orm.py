@@ -34,6 +34,7 @@ __all__ = [
     "Prediction",
     "PredictionLog",
     "ScoringRun",
+    "ScoringChunk",
 ]
 
 NAMING = {
@@ -175,11 +176,30 @@ class ScoringRun(Base):
     segment: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     schedule_key: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     status: Mapped[str] = mapped_column(String(16))
+    chunks_total: Mapped[int] = mapped_column(Integer, default=0)
     rows_total: Mapped[int] = mapped_column(BigInteger, default=0)
     rows_scored: Mapped[int] = mapped_column(BigInteger, default=0)
     started_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     duration_s: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class ScoringChunk(Base):
+    """The durable plan of a run: one row per id range, marked done in the transaction
+    that writes its predictions, so a chunk delivered twice writes once."""
+
+    __tablename__ = "scoring_chunks"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("scoring_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    lo: Mapped[int] = mapped_column(BigInteger)
+    hi: Mapped[int] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    histogram: Mapped[list[Any] | None] = mapped_column(JSONB, nullable=True)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Prediction(Base):

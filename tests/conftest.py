@@ -70,6 +70,9 @@ def pytest_configure(config: pytest.Config) -> None:
             "INFERQ_LOG_JSON": "true",
             "INFERQ_FLOWER_PASSWORD": "test-only",
             "INFERQ_ENV": "test",
+            # Many chunks per run, so runs have progress to show and a killed worker
+            # leaves chunks in flight.
+            "INFERQ_SCORE_CHUNK_ROWS": "10000",
         }
     )
 

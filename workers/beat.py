@@ -31,6 +31,14 @@ def schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "schedule": s.sweep_every_s,
             "options": {"queue": "ops", "expires": s.sweep_every_s},
         },
+        # Every customer re-scored each night; a unique key per model and night in Postgres
+        # makes a second beat (or a retry) a no-op.
+        "nightly-churn-scoring": {
+            "task": "ops.nightly_score",
+            "schedule": _cron(s.nightly_score_cron),
+            "kwargs": {"model": "churn"},
+            "options": {"queue": "ops"},
+        },
         "prune-prediction-logs": {
             "task": "ops.prune_prediction_logs",
             "schedule": _cron("17 3 * * *"),

@@ -7,12 +7,14 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, delete, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,10 +26,11 @@ from api.waiter import waiter
 from shared import jobs as jobstore
 from shared.catalog import SPECS
 from shared.config import get_settings
-from shared.db import session_scope
+from shared.db import get_engine, session_scope
 from shared.inputs import validate_rows
 from shared.jobs import TERMINAL, JobStatus
 from shared.orm import Job
+from shared.scoring import validate_segment
 from workers.dispatch import enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -112,13 +115,24 @@ def _validate(session: Session, body: JobCreate, max_rows: int) -> tuple[int | N
         if body.model not in SPECS:
             _invalid("model", f"unknown trainable model {body.model!r}; known: {sorted(SPECS)}")
         return None, {"promote": body.promote or "if_better"}
-    if body.type == "score":
-        _invalid("type", "score jobs are not available yet")
     resolved = registry_view.resolve(session, body.model, body.version)
     if isinstance(resolved, tuple):
         _invalid(resolved[0], resolved[1])
     assert isinstance(resolved, VersionInfo)
+    if body.type == "score":
+        return resolved.version, _validate_score(body, resolved)
     return resolved.version, _validate_predict(session, body, resolved, max_rows)
+
+
+def _validate_score(body: JobCreate, info: VersionInfo) -> dict:
+    _not_for(body, "score", "inputs", "entity_ids", "promote")
+    if info.schema.get("entity_table") != "customers":
+        _invalid("model", f"model {info.name!r} has no feature table to score")
+    segment = body.segment or {}
+    errors = validate_segment(segment, info.schema)
+    if errors:
+        raise RequestValidationError(errors)
+    return {"segment": segment}
 
 
 def _accepted(job: Job) -> JobAccepted:
@@ -258,6 +272,47 @@ def cancel_job(
         raise HTTPException(status.HTTP_409_CONFLICT, f"job already {job.status}")
     jobstore.mirror(redis, [job])
     return JobPublic(**jobstore.public_view(job), links=_links(jid))
+
+
+@router.get("/{job_id}/result.csv", response_class=StreamingResponse)
+def score_result_csv(
+    job_id: str,
+    session: SessionDep,
+    principal: Annotated[Principal, require("jobs:read")],
+) -> StreamingResponse:
+    """A score job's rows (entity_id, score, label), streamed from Postgres."""
+    jid = _parse_id(job_id)
+    job = session.scalar(select(Job).where(Job.id == jid, Job.tenant == principal.tenant))
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
+    if job.type != "score":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "only score jobs have result.csv")
+    if job.status != JobStatus.SUCCEEDED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job is {job.status}; no rows yet")
+    return StreamingResponse(
+        _stream_rows(jid),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{jid}.csv"'},
+    )
+
+
+def _stream_rows(run_id: uuid.UUID, batch: int = 20_000) -> Iterator[str]:
+    raw = get_engine().raw_connection()
+    try:
+        cur = raw.cursor(name=f"csv_{run_id.hex}")  # server-side: constant memory
+        cur.itersize = batch
+        cur.execute(
+            "SELECT entity_id, score, label FROM predictions WHERE run_id = %s ORDER BY entity_id",
+            (str(run_id),),
+        )
+        yield "entity_id,score,label\n"
+        while rows := cur.fetchmany(batch):
+            yield "".join(
+                f"{e},{s!r},{'' if lab is None else str(lab).lower()}\n" for e, s, lab in rows
+            )
+        raw.rollback()
+    finally:
+        raw.close()
 
 
 def _encode_cursor(job: Job) -> str:

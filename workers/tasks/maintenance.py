@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+import uuid
+from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import JobStatus
-from shared.orm import Job, PredictionLog
+from shared.orm import Job, PredictionLog, ScoringRun
+from shared.registry import production_versions
 from workers.app import celery_app
 from workers.dispatch import enqueue
 
@@ -58,6 +61,55 @@ def sweep_once() -> int:
 @celery_app.task(name="ops.sweep", queue="ops")
 def sweep() -> int:
     return sweep_once()
+
+
+def schedule_nightly_run(model: str, night: date) -> uuid.UUID | None:
+    """Record tonight's run of ``model`` as a score job, once: None if it already exists."""
+    s = get_settings()
+    with session_scope() as session:
+        version = production_versions(session).get(model)
+        if version is None:
+            log.error("nightly scoring of %s skipped: no production version", model)
+            return None
+        job = Job(
+            id=uuid.uuid4(),
+            tenant=s.nightly_tenant,
+            type="score",
+            model=model,
+            model_version=version,
+            status=JobStatus.QUEUED,
+            priority="low",
+            request={"segment": {}},
+            meta={"scheduled": "nightly", "night": night.isoformat()},
+            idempotency_key=f"nightly:{model}:{night.isoformat()}",
+        )
+        session.add(job)
+        session.add(
+            ScoringRun(
+                id=job.id,
+                job_id=job.id,
+                model=model,
+                version=version,
+                segment={},
+                schedule_key=f"{model}:{night.isoformat()}",
+                status="queued",
+            )
+        )
+        try:
+            session.flush()
+        except IntegrityError:
+            session.rollback()
+            log.info("nightly scoring of %s for %s already exists", model, night)
+            return None
+    enqueue([(job.id, "score", "low")])
+    log.info("nightly scoring of %s for %s recorded", model, night, extra={"job_id": str(job.id)})
+    return job.id
+
+
+@celery_app.task(name="ops.nightly_score", queue="ops")
+def nightly_score(model: str = "churn") -> str | None:
+    job_id = schedule_nightly_run(model, datetime.now(UTC).date())
+    return str(job_id) if job_id else None
 
 
 @celery_app.task(name="ops.prune_prediction_logs", queue="ops")

@@ -1,0 +1,83 @@
+"""PostgreSQL binary COPY, both ways, as numpy arrays: no per-row Python on either side.
+
+When every column of a row has a fixed width and no NULLs, a binary COPY stream is an
+array of identical records (a 2-byte field count, then a 4-byte length and the value for
+each field, all big-endian), so ``np.frombuffer`` reads it and ``ndarray.tobytes`` writes it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+
+__all__ = ["HEADER", "TRAILER", "read_float_rows", "prediction_records", "PG_EPOCH"]
+
+HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+TRAILER = b"\xff\xff"
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def read_float_rows(data: bytes | memoryview, n_float: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, features) of ``COPY (SELECT id::int8, f1::float8, ...) TO STDOUT
+    (FORMAT binary)``.
+    """
+    dtype = np.dtype(
+        [("n", ">i2"), ("id_len", ">i4"), ("id", ">i8")]
+        + [item for j in range(n_float) for item in ((f"l{j}", ">i4"), (f"f{j}", ">f8"))]
+    )
+    body = memoryview(data)[len(HEADER) : len(data) - len(TRAILER)]
+    if len(body) % dtype.itemsize:
+        raise ValueError("COPY stream is not fixed-width: a NULL or a non-float8 column")
+    rec = np.frombuffer(body, dtype=dtype)
+    ids = rec["id"].astype(np.int64)
+    X = np.empty((len(rec), n_float), dtype=np.float64)
+    for j in range(n_float):
+        X[:, j] = rec[f"f{j}"]
+    return ids, X
+
+
+def prediction_records(
+    *,
+    run_id: bytes,
+    entity_ids: np.ndarray,
+    model: str,
+    version: int,
+    scores: np.ndarray,
+    labels: np.ndarray | None,
+    scored_at: datetime,
+) -> bytes:
+    """A binary COPY stream for ``predictions (run_id, entity_id, model, version, score,
+    label, scored_at)``; a regressor's missing label is written as NULL."""
+    name = model.encode()
+    fields = [
+        ("n", ">i2"),
+        ("run_len", ">i4"),
+        ("run", "V16"),
+        ("eid_len", ">i4"),
+        ("eid", ">i8"),
+        ("model_len", ">i4"),
+        ("model", f"S{len(name)}"),
+        ("ver_len", ">i4"),
+        ("ver", ">i4"),
+        ("score_len", ">i4"),
+        ("score", ">f8"),
+        ("label_len", ">i4"),
+    ]
+    if labels is not None:
+        fields.append(("label", "u1"))
+    fields += [("ts_len", ">i4"), ("ts", ">i8")]
+    rec = np.empty(len(entity_ids), dtype=np.dtype(fields))
+    rec["n"] = 7
+    rec["run_len"], rec["run"] = 16, np.frombuffer(run_id, dtype="V16")[0]
+    rec["eid_len"], rec["eid"] = 8, entity_ids
+    rec["model_len"], rec["model"] = len(name), name
+    rec["ver_len"], rec["ver"] = 4, version
+    rec["score_len"], rec["score"] = 8, scores
+    if labels is not None:
+        rec["label_len"], rec["label"] = 1, labels.astype(np.uint8)
+    else:
+        rec["label_len"] = -1
+    rec["ts_len"] = 8
+    rec["ts"] = int((scored_at - PG_EPOCH).total_seconds() * 1_000_000)
+    return HEADER + rec.tobytes() + TRAILER

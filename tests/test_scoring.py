@@ -1,0 +1,230 @@
+"""Population scoring through real workers: exactly one prediction per customer."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import uuid
+from datetime import date
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from shared.db import session_scope
+from tests.conftest import CUSTOMERS, Stack, submit, wait_done, wait_for
+
+
+def _counts(run_id: str) -> tuple[int, int]:
+    with session_scope() as session:
+        total, distinct = session.execute(
+            text("SELECT count(*), count(DISTINCT entity_id) FROM predictions WHERE run_id = :r"),
+            {"r": run_id},
+        ).one()
+    return int(total), int(distinct)
+
+
+def _segment_count(where: str) -> int:
+    with session_scope() as session:
+        return int(session.execute(text(f"SELECT count(*) FROM customers WHERE {where}")).scalar())
+
+
+def test_score_a_segment_writes_one_prediction_per_customer(client: httpx.Client) -> None:
+    segment = {"plan_tier": "enterprise", "contract_type": ["monthly", "annual"]}
+    r = submit(client, type="score", segment=segment)
+    assert r.status_code == 202, r.text
+    job = wait_done(client, r.json()["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    expected = _segment_count("plan_tier = 'enterprise' AND contract_type IN ('monthly', 'annual')")
+    assert 1000 < expected < CUSTOMERS
+    result = job["result"]
+    assert result["rows_scored"] == expected
+    assert _counts(result["run_id"]) == (expected, expected)
+    assert job["progress"] == {"done": expected, "total": expected}
+    assert sum(result["histogram"]["counts"]) == expected
+    assert result["duration_s"] > 0
+    with session_scope() as session:
+        run = session.execute(
+            text("SELECT status, rows_scored, rows_total, version FROM scoring_runs WHERE id = :r"),
+            {"r": result["run_id"]},
+        ).one()
+        wrong = session.execute(
+            text(
+                "SELECT count(*) FROM predictions p JOIN customers c ON c.id = p.entity_id "
+                "WHERE p.run_id = :r AND (c.plan_tier <> 'enterprise' OR c.contract_type = "
+                "'multi-year')"
+            ),
+            {"r": result["run_id"]},
+        ).scalar()
+    assert tuple(run) == ("succeeded", expected, expected, job["model_version"])
+    assert wrong == 0
+
+
+def test_scores_match_the_online_prediction(client: httpx.Client) -> None:
+    ids = [11, 12, 13]
+    job = wait_done(client, submit(client, type="score", segment={"id": ids}).json()["id"])
+    assert job["result"]["rows_scored"] == 3
+    online = wait_done(client, submit(client, entity_ids=ids).json()["id"])
+    r = client.get(f"/v1/jobs/{job['id']}/result.csv")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [int(row["entity_id"]) for row in rows] == ids
+    np.testing.assert_allclose(
+        [float(row["score"]) for row in rows],
+        [p["score"] for p in online["result"]["predictions"]],
+        rtol=0,
+        atol=1e-12,
+    )
+    assert [row["label"] for row in rows] == [
+        str(p["label"]).lower() for p in online["result"]["predictions"]
+    ]
+
+
+def test_result_csv_of_a_whole_segment_streams_every_row(client: httpx.Client) -> None:
+    job = wait_done(
+        client,
+        submit(client, type="score", segment={"num_integrations": 7}).json()["id"],
+        timeout=120,
+    )
+    with client.stream("GET", f"/v1/jobs/{job['id']}/result.csv") as r:
+        lines = sum(chunk.count("\n") for chunk in r.iter_text())
+    assert lines == job["result"]["rows_scored"] + 1
+
+
+@pytest.mark.parametrize(
+    ("segment", "loc"),
+    [
+        ({"churned": True}, ("body", "segment", "churned")),
+        ({"plan_tier": "platinum"}, ("body", "segment", "plan_tier")),
+        ({"plan_tier": ["growth", "gold"]}, ("body", "segment", "plan_tier", 1)),
+        ({"tenure_months": "12; DROP TABLE customers"}, ("body", "segment", "tenure_months")),
+        ({"tenure_months": {"gt": 3}}, ("body", "segment", "tenure_months")),
+        ({"plan_tier": []}, ("body", "segment", "plan_tier")),
+        ({"1=1 OR id": 1}, ("body", "segment", "1=1 OR id")),
+    ],
+)
+def test_bad_segments_are_422(client: httpx.Client, segment: dict, loc: tuple) -> None:
+    r = submit(client, type="score", segment=segment)
+    assert r.status_code == 422, r.text
+    assert loc in {tuple(e["loc"]) for e in r.json()["detail"]}
+
+
+def test_score_rejects_other_fields_and_models_without_a_table(client: httpx.Client) -> None:
+    r = submit(client, type="score", inputs=[{}])
+    assert ["body", "inputs"] in [e["loc"] for e in r.json()["detail"]]
+    r = submit(client, type="score", model="demand")
+    assert ["body", "model"] in [e["loc"] for e in r.json()["detail"]]
+
+
+def test_result_csv_errors(client: httpx.Client) -> None:
+    predict = submit(client, entity_ids=[1]).json()["id"]
+    assert client.get(f"/v1/jobs/{predict}/result.csv").status_code == 404
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}/result.csv").status_code == 404
+
+
+def test_progress_moves_while_a_run_is_scored(stack: Stack, client: httpx.Client) -> None:
+    job_id = submit(client, type="score").json()["id"]
+    seen = set()
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["progress"]:
+            seen.add(job["progress"]["done"])
+            assert job["progress"]["total"] == CUSTOMERS
+        if job["status"] not in ("queued", "running"):
+            break
+    assert job["status"] == "succeeded"
+    assert len(seen) >= 2 and max(seen) == CUSTOMERS  # it moved, and it ended at the total
+    assert _counts(job["result"]["run_id"]) == (CUSTOMERS, CUSTOMERS)
+
+
+def test_worker_killed_mid_run_still_one_row_per_customer(
+    stack: Stack, client: httpx.Client
+) -> None:
+    job_id = submit(client, type="score").json()["id"]
+
+    def chunk_in_flight() -> int | None:
+        with session_scope() as session:
+            done = session.execute(
+                text(
+                    "SELECT count(*) FROM scoring_chunks WHERE run_id = :r AND done_at IS NOT NULL"
+                ),
+                {"r": job_id},
+            ).scalar()
+        return 1 if done else None  # some chunks done, others still to come
+
+    wait_for(chunk_in_flight, 60, "the first chunk to finish", step=0.005)
+    victims = stack.worker_children()
+    for pid in victims:  # both pool processes, whatever they hold
+        os.kill(pid, signal.SIGKILL)
+    job = wait_done(client, job_id, timeout=180)
+    assert job["status"] == "succeeded", job
+    assert _counts(job["result"]["run_id"]) == (CUSTOMERS, CUSTOMERS)
+    assert job["result"]["rows_scored"] == CUSTOMERS
+    assert not set(victims) & set(stack.worker_children())
+    with session_scope() as session:
+        redelivered = session.execute(
+            text("SELECT count(*) FROM scoring_chunks WHERE run_id = :r AND attempts > 1"),
+            {"r": job_id},
+        ).scalar()
+    assert redelivered >= 1  # chunks in flight when the workers died ran again
+
+
+def test_a_chunk_delivered_twice_writes_once(stack: Stack, client: httpx.Client) -> None:
+    from workers.tasks.score import dispatch_chunks
+
+    job = wait_done(client, submit(client, type="score", segment={"id": [1, 2, 3]}).json()["id"])
+    run_id = job["result"]["run_id"]
+    dispatch_chunks(uuid.UUID(run_id), [0, 0])  # redelivery, twice
+    import time
+
+    time.sleep(1.5)
+    assert _counts(run_id) == (3, 3)
+    assert client.get(f"/v1/jobs/{job['id']}").json()["result"]["rows_scored"] == 3
+
+
+def test_nightly_run_is_a_job_and_happens_once_per_night(stack: Stack, admin: httpx.Client) -> None:
+    from workers.app import celery_app
+    from workers.beat import schedule
+    from workers.tasks.maintenance import nightly_score, schedule_nightly_run
+
+    entry = schedule(__import__("shared.config").config.get_settings())["nightly-churn-scoring"]
+    assert entry["task"] == "ops.nightly_score" and entry["kwargs"] == {"model": "churn"}
+    assert str(entry["schedule"].hour) == "{2}" and str(entry["schedule"].minute) == "{0}"
+    assert "ops.nightly_score" in celery_app.tasks
+
+    night = date(2001, 1, 1)
+    first = schedule_nightly_run("churn", night)
+    assert first is not None
+    assert schedule_nightly_run("churn", night) is None  # a second beat, same night
+    job = wait_done(admin, str(first), timeout=120)
+    assert job["status"] == "succeeded" and job["type"] == "score"
+    assert job["metadata"] == {"scheduled": "nightly", "night": "2001-01-01"}
+    assert job["result"]["rows_scored"] == CUSTOMERS
+    listed = [j["id"] for j in admin.get("/v1/jobs", params={"type": "score"}).json()["items"]]
+    assert str(first) in listed
+    # The task itself, called as beat calls it, records tonight's run.
+    tonight = nightly_score.apply(kwargs={"model": "churn"}).get()
+    assert tonight is not None
+    assert wait_done(admin, tonight, timeout=120)["status"] == "succeeded"
+    assert nightly_score.apply(kwargs={"model": "churn"}).get() is None
+
+
+def test_latest_score_is_one_indexed_query(stack: Stack) -> None:
+    from shared.scoring import latest_score
+
+    with session_scope() as session:
+        latest = latest_score(session, 12)
+        plan = "\n".join(
+            r[0]
+            for r in session.execute(
+                text(
+                    "EXPLAIN SELECT * FROM predictions WHERE entity_id = 12 "
+                    "ORDER BY scored_at DESC LIMIT 1"
+                )
+            )
+        )
+    assert latest is not None and 0 <= latest["score"] <= 1
+    assert "ix_predictions_entity_latest" in plan
