@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -292,28 +291,39 @@ def keys_create(tenant: str, scopes: str, name: str, rate: float | None) -> None
 
 @main.command()
 @click.argument("model")
-@click.option(
-    "--input", "input_path", type=click.File("r"), help="JSON list of rows ('-' = stdin)."
-)
+@click.option("--input", "input_path", type=click.File("r"), help="JSON rows ('-' = stdin).")
 @click.option("--entity-ids", default=None, help="Comma-separated ids instead of --input.")
+@click.option("--score", "score", is_flag=True, help="Score the whole customer base.")
+@click.option("--segment", default=None, help="With --score: JSON filters on columns.")
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @click.option("--url", default=None, help="API base URL (default http://API_HOST:API_PORT).")
-@click.option("--api-key", envvar="INFERQ_API_KEY", required=True)
+@click.option("--api-key", envvar="INFERQ_API_KEY", required=True, help="Or INFERQ_API_KEY.")
 def submit(
-    model: str, input_path, entity_ids: str | None, wait: bool, url: str | None, api_key: str
+    model: str,
+    input_path,
+    entity_ids: str | None,
+    score: bool,
+    segment: str | None,
+    wait: bool,
+    url: str | None,
+    api_key: str,
 ) -> None:  # type: ignore[no-untyped-def]
-    """Submit a predict job and (by default) wait for its result."""
+    """Submit a predict (or --score) job and, by default, wait for it with a progress bar."""
     import httpx
+    from tqdm import tqdm
 
     s = _settings()
     base = url or f"http://{s.api_host}:{s.api_port}"
     body: dict = {"type": "predict", "model": model}
-    if entity_ids:
+    if score:
+        body["type"] = "score"
+        body["segment"] = json.loads(segment) if segment else {}
+    elif entity_ids:
         body["entity_ids"] = [int(x) for x in entity_ids.split(",")]
     elif input_path is not None:
         body["inputs"] = json.load(input_path)
     else:
-        raise click.UsageError("give --input ROWS.json or --entity-ids")
+        raise click.UsageError("give --input ROWS.json, --entity-ids or --score")
     headers = {"Authorization": f"Bearer {api_key}"}
     with httpx.Client(base_url=base, headers=headers, timeout=40) as client:
         r = client.post("/v1/jobs", json=body)
@@ -321,10 +331,21 @@ def submit(
             raise click.ClickException(f"{r.status_code}: {r.text}")
         job = r.json()
         click.echo(f"job {job['id']} {job['status']}", err=True)
-        deadline = time.monotonic() + 600
-        while wait and job["status"] in ("queued", "running") and time.monotonic() < deadline:
-            job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 20}).json()
+        bar = None
+        while wait and job["status"] in ("queued", "running"):
+            job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 1}).json()
+            progress = job.get("progress")
+            if progress and progress.get("total"):
+                if bar is None:
+                    bar = tqdm(
+                        total=progress["total"], unit="rows", desc=job["type"], file=sys.stderr
+                    )
+                bar.update(progress["done"] - bar.n)
+        if bar is not None:
+            bar.close()
         click.echo(json.dumps(job, indent=2))
+        if job["status"] == "failed":
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -162,26 +162,23 @@ def finish(
     *,
     progress: dict[uuid.UUID, dict[str, int]] | None = None,
 ) -> list[Job]:
-    """running → succeeded with each job's result; jobs cancelled meanwhile stay cancelled."""
-    now = _now()
-    done = []
-    for job_id, result in results.items():
-        values: dict[str, Any] = {
-            "status": JobStatus.SUCCEEDED,
-            "result": result,
-            "finished_at": now,
-        }
-        if progress and job_id in progress:
-            values["progress"] = progress[job_id]
-        job = session.scalar(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-            .values(**values)
-            .returning(Job)
-        )
-        if job is not None:
-            done.append(job)
-    return done
+    """running → succeeded with each job's result, all in one statement; jobs cancelled
+    meanwhile stay cancelled (and are not returned)."""
+    if not results:
+        return []
+    rows, params = [], {}
+    for i, (job_id, result) in enumerate(results.items()):
+        rows.append(f"(CAST(:id{i} AS uuid), CAST(:r{i} AS jsonb), CAST(:p{i} AS jsonb))")
+        params[f"id{i}"] = str(job_id)
+        params[f"r{i}"] = json.dumps(result)
+        params[f"p{i}"] = json.dumps((progress or {}).get(job_id))
+    stmt = text(
+        "UPDATE jobs AS j SET status = 'succeeded', result = v.result, finished_at = now(), "
+        "progress = COALESCE(NULLIF(v.progress, 'null'::jsonb), j.progress) "
+        f"FROM (VALUES {', '.join(rows)}) AS v(id, result, progress) "
+        "WHERE j.id = v.id AND j.status = 'running' RETURNING j.*"
+    )
+    return list(session.scalars(select(Job).from_statement(stmt), params))
 
 
 def fail(session: Session, job_id: uuid.UUID, *, code: str, message: str) -> Job | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from shared.config import STACK_FILE, get_settings
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
 
-__all__ = ["run_stack", "Child"]
+__all__ = ["run_stack", "Child", "stop_process_group"]
 
 RESTART_BACKOFF_MAX_S = 30.0
 
@@ -74,16 +74,21 @@ class Child:
             self.start()
 
     def stop(self, timeout: float = 20.0) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
+        if self.process is not None:
+            stop_process_group(self.process, timeout)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a child started in its own session, then SIGKILL whatever is left in it
+    (a prefork pool, say) after ``timeout`` s, and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        # Whatever is left in the child's session (a prefork pool, say) goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _secret(path: Path, make) -> str:  # type: ignore[no-untyped-def]

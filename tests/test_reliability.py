@@ -24,6 +24,23 @@ def _job(job_id: str) -> Job:
         return job
 
 
+def _abandon(job_id: str, *, attempts: int) -> None:
+    """Make the job look held by a worker that died an hour ago."""
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(
+                status="running",
+                attempts=attempts,
+                worker="dead-host:1/lost-task",
+                started_at=an_hour_ago,
+                heartbeat_at=an_hour_ago,
+            )
+        )
+
+
 def test_worker_killed_mid_job_the_job_still_succeeds(stack: Stack, admin: httpx.Client) -> None:
     job_id = submit(admin, type="train", promote="never").json()["id"]
     running = wait_for(
@@ -46,17 +63,7 @@ def test_attempts_are_capped(stack: Stack, client: httpx.Client) -> None:
     from tests.test_jobs import _queued_job
 
     job_id = _queued_job(client)
-    with session_scope() as session:  # as if three workers had died holding it
-        session.execute(
-            update(Job)
-            .where(Job.id == uuid.UUID(job_id))
-            .values(
-                status="running",
-                attempts=3,
-                worker="gone:1/t",
-                heartbeat_at=datetime.now(UTC) - timedelta(hours=1),
-            )
-        )
+    _abandon(job_id, attempts=3)  # as if three workers had died holding it
     from workers.tasks.maintenance import sweep_once
 
     assert sweep_once() >= 1
@@ -96,18 +103,7 @@ def test_a_running_job_whose_lease_expired_is_run_again(stack: Stack, client: ht
     from workers.tasks.maintenance import sweep_once
 
     job_id = _queued_job(client)
-    with session_scope() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == uuid.UUID(job_id))
-            .values(
-                status="running",
-                attempts=1,
-                worker="dead-host:1/lost-task",
-                started_at=datetime.now(UTC) - timedelta(hours=1),
-                heartbeat_at=datetime.now(UTC) - timedelta(hours=1),
-            )
-        )
+    _abandon(job_id, attempts=1)
     assert sweep_once() >= 1
     job = wait_done(client, job_id)
     assert job["status"] == "succeeded"

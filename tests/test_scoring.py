@@ -228,3 +228,38 @@ def test_latest_score_is_one_indexed_query(stack: Stack) -> None:
         )
     assert latest is not None and 0 <= latest["score"] <= 1
     assert "ix_predictions_entity_latest" in plan
+
+
+def test_cli_submit_score_shows_a_progress_bar(stack: Stack) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "submit",
+            "churn",
+            "--score",
+            "--segment",
+            '{"plan_tier": "growth"}',
+            "--url",
+            stack.api_url,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "INFERQ_API_KEY": os.environ["INFERQ_BOOTSTRAP_API_KEY"]},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
+    assert job["status"] == "succeeded"
+    rows = job["result"]["rows_scored"]
+    assert rows == _segment_count("plan_tier = 'growth'")
+    assert f"{rows}/{rows}" in out.stderr  # tqdm's final "done/total rows"
+    assert "rows" in out.stderr

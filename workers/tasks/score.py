@@ -23,11 +23,16 @@ from workers.app import celery_app
 from workers.runtime import models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
-_LIMITS = {
+#: Both tasks: long time limits, and another try for a database or Redis blip (a bug is
+#: not retried: no blanket autoretry).
+_TASK_OPTIONS = {
+    "bind": True,
     "soft_time_limit": get_settings().long_soft_time_limit_s,
     "time_limit": get_settings().long_time_limit_s,
+    "autoretry_for": (OperationalError, RedisConnectionError),
+    "retry_backoff": True,
+    "max_retries": 5,
 }
-_TRANSIENT = (OperationalError, RedisConnectionError)
 
 
 def dispatch_chunks(run_id: uuid.UUID, chunks: list[int], priority: int = 5) -> None:
@@ -54,14 +59,7 @@ def _fail(job_id: uuid.UUID, code: str, message: str) -> None:
     jobstore.mirror(redis_client(), [job] if job else [])
 
 
-@celery_app.task(
-    name="score.run",
-    bind=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    max_retries=5,
-    **_LIMITS,
-)
+@celery_app.task(name="score.run", **_TASK_OPTIONS)
 def run(self, job_id: str) -> int:  # type: ignore[no-untyped-def]
     jid = uuid.UUID(job_id)
     with job_context(jid):
@@ -86,14 +84,7 @@ def run(self, job_id: str) -> int:  # type: ignore[no-untyped-def]
         return len(todo)
 
 
-@celery_app.task(
-    name="score.chunk",
-    bind=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    max_retries=5,
-    **_LIMITS,
-)
+@celery_app.task(name="score.chunk", **_TASK_OPTIONS)
 def chunk(self, run_id: str, chunk_no: int) -> str:  # type: ignore[no-untyped-def]
     rid = uuid.UUID(run_id)
     s = get_settings()
