@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import get_settings
 from shared.orm import ModelVersion
+from shared.runtime import onnx_predictor, sklearn_predictor
 
 __all__ = [
     "IntegrityError",
@@ -43,7 +44,8 @@ class LoadedModel:
 
     Classifier: score is the positive-class probability, label ``score >= threshold``.
     Regressor: score is the value, no label. Anomaly: score is the anomaly score (higher is
-    more anomalous), label true for an anomaly.
+    more anomalous), label true for an anomaly. ``runtime`` says what computes them:
+    ``onnx`` where the pipeline converts exactly (see ``shared.runtime``), else ``sklearn``.
     """
 
     name: str
@@ -52,15 +54,15 @@ class LoadedModel:
     schema: dict[str, Any]
     threshold: float | None
     estimator: Any
+    runtime: str = "sklearn"
+    _predict: Any = None
+
+    def __post_init__(self) -> None:
+        if self._predict is None:
+            self._predict = sklearn_predictor(self.kind, self.estimator, self.threshold)
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.kind == "classifier":
-            scores = self.estimator.predict_proba(X)[:, 1]
-            return scores, scores >= (self.threshold if self.threshold is not None else 0.5)
-        if self.kind == "regressor":
-            return np.asarray(self.estimator.predict(X), dtype=np.float64), None
-        raw = self.estimator.decision_function(X)
-        return -raw, raw < 0
+        return self._predict(X)  # type: ignore[no-any-return]
 
 
 def _sha256(data: bytes) -> str:
@@ -158,7 +160,12 @@ def load_artifact(mv: ModelVersion) -> LoadedModel:
             f"artifact of {mv.name} v{mv.version} has sha256 {digest}, registry says {mv.sha256}"
         )
     estimator = joblib.load(io.BytesIO(data))
-    return LoadedModel(mv.name, mv.version, mv.kind, mv.input_schema, mv.threshold, estimator)
+    model = LoadedModel(mv.name, mv.version, mv.kind, mv.input_schema, mv.threshold, estimator)
+    if get_settings().onnx:
+        fast = onnx_predictor(mv.kind, estimator, mv.threshold, mv.input_schema)
+        if fast is not None:
+            model.runtime, model._predict = "onnx", fast
+    return model
 
 
 class ModelCache:
@@ -181,7 +188,7 @@ class ModelCache:
                     raise LookupError(f"model {name!r} has no version {version}")
                 model = load_artifact(mv)
                 self._models[key] = model
-                log.info("loaded %s v%s", name, version)
+                log.info("loaded %s v%s (runtime %s)", name, version, model.runtime)
             return model
 
     def warm(self, session: Session) -> list[tuple[str, int]]:

@@ -55,7 +55,7 @@ def test_result_is_durable_and_hot_and_every_row_is_logged(client: httpx.Client)
     rows = [ROW, {**ROW, "tenure_months": 100}, {**ROW, "support_tickets": 40}]
     job_id = submit(client, inputs=rows).json()["id"]
     job = wait_done(client, job_id)
-    assert job["status"] == "succeeded"
+    assert job["status"] == "succeeded", job
     assert [p["score"] for p in job["result"]["predictions"]] == _local_scores(rows)
     with session_scope() as session:
         stored = session.get(Job, uuid.UUID(job_id))
@@ -81,7 +81,7 @@ def test_wait_answers_as_soon_as_the_job_ends(client: httpx.Client) -> None:
     job_id = submit(client, inputs=[ROW]).json()["id"]
     start = time.monotonic()
     job = client.get(f"/v1/jobs/{job_id}", params={"wait": 20}).json()
-    assert job["status"] == "succeeded"
+    assert job["status"] == "succeeded", job
     assert time.monotonic() - start < 5
 
 
