@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from shared import keys
 from shared.config import Settings, get_settings
-from shared.db import SessionLocal, get_engine
+from shared.db import SessionLocal, get_engine, session_scope
 from shared.ratelimit import TokenBucket
 
 __all__ = [
@@ -54,7 +55,7 @@ def redis_async() -> AsyncRedis:
 
 @lru_cache
 def _bucket() -> TokenBucket:
-    return TokenBucket(redis_sync())
+    return TokenBucket(redis_async())
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -77,27 +78,31 @@ _KEY_CACHE_S = 10.0
 _key_cache: dict[str, tuple[Principal | None, float]] = {}
 
 
-def _authenticate(request: Request, session: Session) -> Principal:
+def _lookup(value: str) -> Principal | None:
+    with session_scope() as session:
+        row = keys.lookup(session, value)
+        if row is None:
+            return None
+        return Principal(row.id, row.tenant, frozenset(row.scopes), row.rate_limit_per_s)
+
+
+async def _authenticate(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
+    value = value.strip()
     if scheme.lower() != "bearer" or not value:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing API key: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    digest = keys.hash_key(value.strip())
+    digest = keys.hash_key(value)
     cached = _key_cache.get(digest)
     now = time.monotonic()
     if cached is not None and cached[1] > now:
         principal = cached[0]
     else:
-        row = keys.lookup(session, value.strip())
-        principal = (
-            Principal(row.id, row.tenant, frozenset(row.scopes), row.rate_limit_per_s)
-            if row is not None
-            else None
-        )
+        principal = await run_in_threadpool(_lookup, value)
         _key_cache[digest] = (principal, now + _KEY_CACHE_S)
     if principal is None:
         raise HTTPException(
@@ -108,7 +113,7 @@ def _authenticate(request: Request, session: Session) -> Principal:
     return principal
 
 
-def _rate_limit(principal: Principal, settings: Settings) -> None:
+async def _rate_limit(principal: Principal, settings: Settings) -> None:
     rate = principal.rate_limit_per_s
     if rate is None:
         rate = settings.rate_limit_per_s
@@ -116,7 +121,7 @@ def _rate_limit(principal: Principal, settings: Settings) -> None:
         return
     burst = max(1, int(settings.rate_limit_burst if principal.rate_limit_per_s is None else rate))
     try:
-        allowed, wait = _bucket().allow(settings.key("rate", principal.key_id), rate, burst)
+        allowed, wait = await _bucket().allow(settings.key("rate", principal.key_id), rate, burst)
     except RedisError:
         # The limiter fails open: Redis being down is answered where it matters (503 on submit).
         log.warning("rate limiter unavailable", exc_info=True)
@@ -130,13 +135,16 @@ def _rate_limit(principal: Principal, settings: Settings) -> None:
 
 
 def require(scope: str):  # type: ignore[no-untyped-def]
-    """Dependency: an authenticated, rate-limited principal holding ``scope`` (else 401/403/429)."""
+    """Dependency: an authenticated, rate-limited principal holding ``scope`` (else 401/403/429).
 
-    def dependency(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
-        principal = _authenticate(request, session)
+    Async, so a request whose key is cached reaches its route without a thread hop.
+    """
+
+    async def dependency(request: Request, settings: SettingsDep) -> Principal:
+        principal = await _authenticate(request)
         if scope not in principal.scopes:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"this key lacks the {scope!r} scope")
-        _rate_limit(principal, settings)
+        await _rate_limit(principal, settings)
         return principal
 
     return Depends(dependency)

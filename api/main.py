@@ -17,12 +17,13 @@ from kombu.exceptions import OperationalError as BrokerError
 from prometheus_client import REGISTRY, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import redis_async, redis_sync
 from api.routes import jobs, models, ops
-from api.routes.jobs import BrokerUnavailableError
+from api.submitter import BrokerUnavailableError, DatabaseUnavailableError
 from api.waiter import waiter
 from shared import keys
 from shared.config import get_settings
@@ -165,7 +166,8 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(ops.router)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    app.add_exception_handler(DBAPIError, _unavailable("database"))
+    for exc in (OperationalError, InterfaceError, SATimeoutError, DatabaseUnavailableError):
+        app.add_exception_handler(exc, _unavailable("database"))
     for exc in (BrokerError, BrokerUnavailableError, RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(exc, _unavailable("broker"))
     app.add_exception_handler(Exception, _internal_error)

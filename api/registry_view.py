@@ -54,6 +54,16 @@ class RegistryView:
             self._versions[(name, version)] = info
         return info
 
+    def resolve_cached(self, name: str, version: int | None) -> VersionInfo | None:
+        """The answer of ``resolve`` from memory alone, or None if it needs the database."""
+        if version is None:
+            if time.monotonic() - self._production_at > get_settings().registry_cache_s:
+                return None
+            version = self._production.get(name)
+            if version is None:
+                return None
+        return self._versions.get((name, version))
+
     def resolve(
         self, session: Session, name: str, version: int | None
     ) -> VersionInfo | tuple[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from redis import Redis
+from redis.asyncio import Redis
 
 __all__ = ["TokenBucket"]
 
@@ -32,11 +32,11 @@ return {allowed, tostring(wait)}
 
 
 class TokenBucket:
-    """``allow(key, rate, burst)`` → (allowed, retry_after_s). A flushed Redis refills buckets."""
+    """``await allow(key, rate, burst)`` → (allowed, retry_after_s). A flushed Redis refills."""
 
     def __init__(self, redis: Redis) -> None:
         self._script = redis.register_script(_SCRIPT)
 
-    def allow(self, key: str, rate: float, burst: int) -> tuple[bool, float]:
-        allowed, wait = self._script(keys=[key], args=[rate, burst, time.time()])
+    async def allow(self, key: str, rate: float, burst: int) -> tuple[bool, float]:
+        allowed, wait = await self._script(keys=[key], args=[rate, burst, time.time()])
         return bool(allowed), float(wait)

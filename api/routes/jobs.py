@@ -3,214 +3,129 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
-from sqlalchemy import and_, delete, or_, select, text
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import and_, or_, select
 
 from api.deps import Principal, RedisDep, SessionDep, SettingsDep, redis_async, require
-from api.registry_view import VersionInfo, registry_view
 from api.schemas import JobAccepted, JobCreate, JobList, JobPublic, JobSummary
+from api.submitter import IdempotencyKeyTakenError, NewJob, submitter
+from api.validation import request_hash, validate_job
 from api.waiter import waiter
 from shared import jobs as jobstore
-from shared.catalog import SPECS
 from shared.config import get_settings
 from shared.db import get_engine, session_scope
-from shared.inputs import validate_rows
 from shared.jobs import TERMINAL, JobStatus
 from shared.orm import Job
-from shared.scoring import validate_segment
-from workers.dispatch import enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)
-
-
-class BrokerUnavailableError(RuntimeError):
-    """The job could not be put on the broker; it was withdrawn and the client gets a 503."""
 
 
 def _links(job_id: Any) -> dict[str, str]:
     return {"self": f"{get_settings().public_url}/v1/jobs/{job_id}"}
 
 
-def _invalid(field: str | tuple[Any, ...], msg: str, kind: str = "value_error") -> None:
-    loc = ["body", *(field if isinstance(field, tuple) else (field,))]
-    raise RequestValidationError([{"type": kind, "loc": loc, "msg": msg, "input": None}])
+def _accepted(
+    *,
+    job_id: Any,
+    type_: str,
+    status_: str,
+    model: str,
+    version: int | None,
+    created: Any,
+    code: int,
+) -> JSONResponse:
+    body = {
+        "id": str(job_id),
+        "type": type_,
+        "status": status_,
+        "model": model,
+        "model_version": version,
+        "created_at": created.isoformat() if created else None,
+        "links": _links(job_id),
+    }
+    return JSONResponse(body, status_code=code, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-def _too_large(field: str, msg: str) -> None:
-    raise HTTPException(
-        status.HTTP_413_CONTENT_TOO_LARGE,
-        [{"type": "too_long", "loc": ["body", field], "msg": msg}],
-    )
-
-
-def _request_hash(body: JobCreate) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _not_for(body: JobCreate, job_type: str, *fields: str) -> None:
-    for f in fields:
-        if getattr(body, f) is not None:
-            _invalid(f, f"'{f}' is not accepted for {job_type} jobs")
-
-
-def _validate_predict(session: Session, body: JobCreate, info: VersionInfo, max_rows: int) -> dict:
-    _not_for(body, "predict", "segment", "promote")
-    if (body.inputs is None) == (body.entity_ids is None):
-        _invalid("inputs", "give exactly one of 'inputs' or 'entity_ids'", "missing")
-    field = "inputs" if body.inputs is not None else "entity_ids"
-    rows: list[Any] = body.inputs if body.inputs is not None else body.entity_ids  # type: ignore
-    if not rows:
-        _invalid(field, f"'{field}' must hold at least one row", "too_short")
-    if len(rows) > max_rows:
-        _too_large(field, f"{len(rows)} rows; at most {max_rows} per job (INFERQ_MAX_ROWS)")
-    if body.inputs is not None:
-        errors = validate_rows(body.inputs, info.schema)
-        if errors:
-            raise RequestValidationError(errors)
-        return {"inputs": body.inputs}
-    table = info.schema.get("entity_table")
-    if table != "customers":
-        _invalid("entity_ids", f"model {info.name!r} has no feature table; send 'inputs'")
-    ids = list(dict.fromkeys(body.entity_ids or []))
-    known = set(
-        session.scalars(text("SELECT id FROM customers WHERE id = ANY(:ids)"), {"ids": ids})
-    )
-    unknown = [(i, e) for i, e in enumerate(body.entity_ids or []) if e not in known]
-    if unknown:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "unknown_entity",
-                    "loc": ["body", "entity_ids", i],
-                    "msg": f"unknown entity id {e}",
-                    "input": e,
-                }
-                for i, e in unknown[:50]
-            ]
+def _replay(tenant: str, key: str, digest: str) -> JSONResponse | None:
+    """The job a retried request already created (200), or 409 if the body differs."""
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+        if job is None:
+            return None
+        if job.request_hash != digest:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
+            )
+        return _accepted(
+            job_id=job.id,
+            type_=job.type,
+            status_=job.status,
+            model=job.model,
+            version=job.model_version,
+            created=job.created_at,
+            code=200,
         )
-    return {"entity_ids": body.entity_ids}
-
-
-def _validate(session: Session, body: JobCreate, max_rows: int) -> tuple[int | None, dict]:
-    """(model version, request to store) or a 413/422 naming the field."""
-    if body.callback_url is not None:
-        _invalid("callback_url", "callbacks are not supported yet; poll GET /v1/jobs/{id}")
-    if body.type == "train":
-        _not_for(body, "train", "inputs", "entity_ids", "segment", "version")
-        if body.model not in SPECS:
-            _invalid("model", f"unknown trainable model {body.model!r}; known: {sorted(SPECS)}")
-        return None, {"promote": body.promote or "if_better"}
-    resolved = registry_view.resolve(session, body.model, body.version)
-    if isinstance(resolved, tuple):
-        _invalid(resolved[0], resolved[1])
-    assert isinstance(resolved, VersionInfo)
-    if body.type == "score":
-        return resolved.version, _validate_score(body, resolved)
-    return resolved.version, _validate_predict(session, body, resolved, max_rows)
-
-
-def _validate_score(body: JobCreate, info: VersionInfo) -> dict:
-    _not_for(body, "score", "inputs", "entity_ids", "promote")
-    if info.schema.get("entity_table") != "customers":
-        _invalid("model", f"model {info.name!r} has no feature table to score")
-    segment = body.segment or {}
-    errors = validate_segment(segment, info.schema)
-    if errors:
-        raise RequestValidationError(errors)
-    return {"segment": segment}
-
-
-def _accepted(job: Job) -> JobAccepted:
-    return JobAccepted(
-        id=str(job.id),
-        type=job.type,
-        status=job.status,
-        model=job.model,
-        model_version=job.model_version,
-        created_at=job.created_at.isoformat() if job.created_at else None,
-        links=_links(job.id),
-    )
-
-
-def _replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
-    job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
-    if job is not None and job.request_hash != digest:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
-        )
-    return job
 
 
 @router.post("", status_code=202, response_model=JobAccepted)
-def submit_job(
+async def submit_job(
     body: JobCreate,
-    response: Response,
-    session: SessionDep,
     settings: SettingsDep,
     principal: Annotated[Principal, require("jobs:write")],
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> JobAccepted:
-    """Record the job in Postgres, put it on the broker, answer 202 with its id."""
-    digest = _request_hash(body)
+) -> JSONResponse:
+    """Record the job in Postgres, put it on the broker, answer 202 with its id.
+
+    The record and the message are written together with those of concurrent requests
+    (see ``api.submitter``); the 202 goes out only after both.
+    """
+    digest = request_hash(body)
     if idempotency_key:
-        existing = _replay(session, principal.tenant, idempotency_key, digest)
-        if existing is not None:
-            response.status_code = status.HTTP_200_OK
-            return _accepted(existing)
-    version, request = _validate(session, body, settings.max_rows)
-    job = Job(
+        replay = await run_in_threadpool(_replay, principal.tenant, idempotency_key, digest)
+        if replay is not None:
+            return replay
+    version, request = await validate_job(body, settings.max_rows)
+    job = NewJob(
         id=uuid.uuid4(),
         tenant=principal.tenant,
         type=body.type,
         model=body.model,
         model_version=version,
-        status=JobStatus.QUEUED,
         priority=body.priority,
         request=request,
-        meta=body.metadata,
-        idempotency_key=idempotency_key,
+        metadata=body.metadata,
         request_hash=digest,
+        created_at=datetime.now(UTC),
+        idempotency_key=idempotency_key,
     )
-    session.add(job)
     try:
-        session.commit()
-    except IntegrityError:
-        # Two requests with one Idempotency-Key raced; the first one won.
-        session.rollback()
-        existing = _replay(session, principal.tenant, idempotency_key or "", digest)
-        if existing is None:
-            raise
-        response.status_code = status.HTTP_200_OK
-        return _accepted(existing)
-    try:
-        enqueue([(job.id, job.type, job.priority)])
-    except Exception as exc:
-        # Not on the broker: withdraw the job so a 503 never hides an accepted one.
-        log.error("broker unavailable, withdrawing job %s: %s", job.id, exc)
-        try:
-            with session_scope() as s2:
-                s2.execute(delete(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED))
-        except Exception:
-            log.exception("could not withdraw job %s; the sweeper will send it", job.id)
-        raise BrokerUnavailableError(str(exc)) from exc
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+        await submitter.submit(job)
+    except IdempotencyKeyTakenError:
+        # A concurrent request with the same key won the race.
+        replay = await run_in_threadpool(_replay, principal.tenant, idempotency_key or "", digest)
+        assert replay is not None
+        return replay
     log.info("accepted %s job", job.type, extra={"job_id": str(job.id)})
-    return _accepted(job)
+    return _accepted(
+        job_id=job.id,
+        type_=job.type,
+        status_=JobStatus.QUEUED,
+        model=job.model,
+        version=version,
+        created=job.created_at,
+        code=202,
+    )
 
 
 def _parse_id(job_id: str) -> uuid.UUID:

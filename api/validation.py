@@ -1,0 +1,141 @@
+"""Validating a job request against the model registry and the model's input schema.
+
+The common case touches no database: the production map and each version's schema are
+cached (``api.registry_view``). Only a cold cache and ``entity_ids`` (which must exist in
+the feature table) need a query, run off the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fastapi import HTTPException, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import text
+
+from api.registry_view import VersionInfo, registry_view
+from api.schemas import JobCreate
+from shared.catalog import SPECS
+from shared.db import session_scope
+from shared.inputs import validate_rows
+from shared.scoring import validate_segment
+
+__all__ = ["validate_job", "request_hash"]
+
+#: Bodies with more rows than this are validated off the event loop.
+_INLINE_ROWS = 200
+
+
+def invalid(field: str | tuple[Any, ...], msg: str, kind: str = "value_error") -> None:
+    loc = ["body", *(field if isinstance(field, tuple) else (field,))]
+    raise RequestValidationError([{"type": kind, "loc": loc, "msg": msg, "input": None}])
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _not_for(body: JobCreate, job_type: str, *fields: str) -> None:
+    for f in fields:
+        if getattr(body, f) is not None:
+            invalid(f, f"'{f}' is not accepted for {job_type} jobs")
+
+
+def _resolve_with_session(name: str, version: int | None) -> VersionInfo | tuple[str, str]:
+    with session_scope() as session:
+        return registry_view.resolve(session, name, version)
+
+
+async def _resolve(body: JobCreate) -> VersionInfo:
+    resolved = registry_view.resolve_cached(body.model, body.version)
+    if resolved is None:
+        resolved = await run_in_threadpool(_resolve_with_session, body.model, body.version)
+    if isinstance(resolved, tuple):
+        invalid(resolved[0], resolved[1])
+    assert isinstance(resolved, VersionInfo)
+    return resolved
+
+
+def _unknown_entities(ids: list[int]) -> list[tuple[int, int]]:
+    with session_scope() as session:
+        known = set(
+            session.scalars(
+                text("SELECT id FROM customers WHERE id = ANY(:ids)"), {"ids": list(set(ids))}
+            )
+        )
+    return [(i, e) for i, e in enumerate(ids) if e not in known]
+
+
+async def _validate_predict(body: JobCreate, info: VersionInfo, max_rows: int) -> dict:
+    _not_for(body, "predict", "segment", "promote")
+    if (body.inputs is None) == (body.entity_ids is None):
+        invalid("inputs", "give exactly one of 'inputs' or 'entity_ids'", "missing")
+    field = "inputs" if body.inputs is not None else "entity_ids"
+    rows: list[Any] = body.inputs if body.inputs is not None else body.entity_ids  # type: ignore
+    if not rows:
+        invalid(field, f"'{field}' must hold at least one row", "too_short")
+    if len(rows) > max_rows:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            [
+                {
+                    "type": "too_long",
+                    "loc": ["body", field],
+                    "msg": f"{len(rows)} rows; at most {max_rows} per job (INFERQ_MAX_ROWS)",
+                }
+            ],
+        )
+    if body.inputs is not None:
+        if len(rows) <= _INLINE_ROWS:
+            errors = validate_rows(rows, info.schema)
+        else:
+            errors = await run_in_threadpool(validate_rows, rows, info.schema)
+        if errors:
+            raise RequestValidationError(errors)
+        return {"inputs": rows}
+    if info.schema.get("entity_table") != "customers":
+        invalid("entity_ids", f"model {info.name!r} has no feature table; send 'inputs'")
+    unknown = await run_in_threadpool(_unknown_entities, rows)
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "unknown_entity",
+                    "loc": ["body", "entity_ids", i],
+                    "msg": f"unknown entity id {e}",
+                    "input": e,
+                }
+                for i, e in unknown[:50]
+            ]
+        )
+    return {"entity_ids": rows}
+
+
+def _validate_score(body: JobCreate, info: VersionInfo) -> dict:
+    _not_for(body, "score", "inputs", "entity_ids", "promote")
+    if info.schema.get("entity_table") != "customers":
+        invalid("model", f"model {info.name!r} has no feature table to score")
+    segment = body.segment or {}
+    errors = validate_segment(segment, info.schema)
+    if errors:
+        raise RequestValidationError(errors)
+    return {"segment": segment}
+
+
+async def validate_job(body: JobCreate, max_rows: int) -> tuple[int | None, dict]:
+    """(model version, request to store), or a 413/422 naming the field."""
+    if body.callback_url is not None:
+        invalid("callback_url", "callbacks are not supported yet; poll GET /v1/jobs/{id}")
+    if body.type == "train":
+        _not_for(body, "train", "inputs", "entity_ids", "segment", "version")
+        if body.model not in SPECS:
+            invalid("model", f"unknown trainable model {body.model!r}; known: {sorted(SPECS)}")
+        return None, {"promote": body.promote or "if_better"}
+    info = await _resolve(body)
+    if body.type == "score":
+        return info.version, _validate_score(body, info)
+    return info.version, await _validate_predict(body, info, max_rows)
