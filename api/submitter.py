@@ -25,6 +25,8 @@ from typing import Any
 import psycopg2
 from psycopg2.extras import execute_values
 
+from api.deps import redis_sync
+from shared.config import get_settings
 from shared.db import get_engine
 from workers.dispatch import enqueue
 
@@ -171,7 +173,37 @@ class GroupCommitter:
             log.error("broker unavailable, withdrawing %d jobs: %s", len(accepted), exc)
             self._withdraw(accepted)
             raise BrokerUnavailableError(str(exc)) from exc
+        self._mirror_queued(accepted)
         return recorded
+
+    def _mirror_queued(self, jobs: list[NewJob]) -> None:
+        """Hot copies of the new jobs, so long-polls on them need no Postgres read. SET NX:
+        a worker that already wrote the terminal copy is never overwritten."""
+        try:
+            redis = redis_sync()
+            ttl = get_settings().result_ttl_s
+            pipe = redis.pipeline(transaction=False)
+            for j in jobs:
+                view = {
+                    "id": str(j.id),
+                    "type": j.type,
+                    "status": "queued",
+                    "model": j.model,
+                    "model_version": j.model_version,
+                    "progress": None,
+                    "result": None,
+                    "error": None,
+                    "metadata": j.metadata,
+                    "attempts": 0,
+                    "created_at": j.created_at.isoformat(),
+                    "started_at": None,
+                    "finished_at": None,
+                }
+                doc = json.dumps({"tenant": j.tenant, "view": view})
+                pipe.set(get_settings().key("job", j.id), doc, ex=ttl, nx=True)
+            pipe.execute()
+        except Exception:  # only an optimisation: reads fall back to Postgres
+            log.warning("could not write hot copies of new jobs", exc_info=True)
 
     def _withdraw(self, jobs: list[NewJob]) -> None:
         try:

@@ -59,8 +59,6 @@ def predict_row(row: dict[str, Any]) -> float:
     df = pd.DataFrame([row])
     for spec in features:
         if spec["type"] == "str":
-            df[spec["name"]] = pd.Categorical(
-                df[spec["name"]], categories=spec["categories"]
-            ).codes
+            df[spec["name"]] = pd.Categorical(df[spec["name"]], categories=spec["categories"]).codes
     X = df[[f["name"] for f in features]].to_numpy(dtype="float64")
     return float(model.estimator.predict_proba(X)[0, 1])

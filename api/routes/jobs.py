@@ -141,16 +141,9 @@ def _read_ledger(job_id: uuid.UUID, tenant: str) -> dict[str, Any] | None:
         return jobstore.public_view(job) if job is not None else None
 
 
-async def _read(job_id: uuid.UUID, tenant: str) -> dict[str, Any] | None:
-    """Terminal jobs from Redis; anything else (or a cold cache) from Postgres, the record."""
+async def _read_hot(job_id: uuid.UUID) -> dict[str, Any] | None:
     raw = await redis_async().get(get_settings().key("job", job_id))
-    if raw is not None:
-        doc = json.loads(raw)
-        if doc["tenant"] != tenant:
-            return None
-        if doc["view"]["status"] in TERMINAL:
-            return doc["view"]
-    return await run_in_threadpool(_read_ledger, job_id, tenant)
+    return json.loads(raw) if raw is not None else None
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -158,16 +151,33 @@ async def get_job(
     job_id: str,
     principal: Annotated[Principal, require("jobs:read")],
     wait: Annotated[float, Query(ge=0, le=30, description="Long-poll up to this many s.")] = 0,
-) -> JobPublic:
-    """The job; with ``?wait=`` the answer comes as soon as it ends, or after ``wait`` s."""
+) -> JSONResponse:
+    """The job; with ``?wait=`` the answer comes as soon as it ends, or after ``wait`` s.
+
+    Terminal jobs are answered from Redis. A job still queued or running is read from
+    Postgres, the record (progress lives there), except that a long-poll on a job whose
+    hot copy exists waits for the done channel without touching Postgres.
+    """
     jid = _parse_id(job_id)
+    tenant = principal.tenant
     with waiter.watch(str(jid)) as ended:
-        view = await _read(jid, principal.tenant)
-        if view is None:
+        doc = await _read_hot(jid)
+        if doc is not None and doc["tenant"] != tenant:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
-        if wait > 0 and view["status"] not in TERMINAL and await ended(wait):
-            view = await _read(jid, principal.tenant) or view
-    return JobPublic(**view, links=_links(jid))
+        view = doc["view"] if doc is not None else None
+        if view is None or view["status"] not in TERMINAL:
+            if view is None or wait == 0:
+                view = await run_in_threadpool(_read_ledger, jid, tenant)
+                if view is None:
+                    raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
+            if wait > 0 and view["status"] not in TERMINAL:
+                woke = await ended(wait)
+                doc = await _read_hot(jid) if woke else None
+                if doc is not None and doc["view"]["status"] in TERMINAL:
+                    view = doc["view"]
+                else:
+                    view = await run_in_threadpool(_read_ledger, jid, tenant) or view
+    return JSONResponse({**view, "links": _links(jid)})
 
 
 @router.delete("/{job_id}", response_model=JobPublic)
