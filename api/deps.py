@@ -140,11 +140,11 @@ def require(scope: str):  # type: ignore[no-untyped-def]
     Async, so a request whose key is cached reaches its route without a thread hop.
     """
 
-    async def dependency(request: Request, settings: SettingsDep) -> Principal:
+    async def dependency(request: Request) -> Principal:
         principal = await _authenticate(request)
         if scope not in principal.scopes:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"this key lacks the {scope!r} scope")
-        await _rate_limit(principal, settings)
+        await _rate_limit(principal, get_settings())
         return principal
 
     return Depends(dependency)

@@ -90,6 +90,33 @@ class BodyLimitMiddleware:
         await response({"type": "http"}, _no_receive, send)
 
 
+class ObserveMiddleware:
+    """Request latency by route template and status (plain ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        code = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            REQUEST_SECONDS.labels(
+                scope["method"], getattr(route, "path", "unmatched"), code
+            ).observe(time.perf_counter() - start)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -172,16 +199,7 @@ def create_app() -> FastAPI:
         app.add_exception_handler(exc, _unavailable("broker"))
     app.add_exception_handler(Exception, _internal_error)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        REQUEST_SECONDS.labels(
-            request.method, getattr(route, "path", "unmatched"), response.status_code
-        ).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(ObserveMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     return app
 

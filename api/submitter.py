@@ -67,7 +67,7 @@ class NewJob:
     priority: str
     request: dict[str, Any]
     metadata: dict[str, Any] | None
-    request_hash: str
+    request_hash: str | None
     created_at: datetime
     idempotency_key: str | None = None
 

@@ -8,6 +8,7 @@ predicted again without it, so one bad job never fails its neighbours.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import uuid
 from collections import defaultdict
@@ -15,16 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from psycopg2.extras import execute_values
 from redis import Redis
 from sqlalchemy import Engine
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from shared.config import get_settings
 from shared.features import load_features
 from shared.inputs import encode_rows
 from shared.metrics import count
-from shared.orm import Job, PredictionLog
+from shared.orm import Job
 from shared.registry import IntegrityError, LoadedModel, ModelCache
 
 __all__ = ["Outcome", "run_predict_jobs", "write_prediction_logs"]
@@ -181,5 +182,25 @@ def _predict_group(
 
 def write_prediction_logs(session: Session, logs: list[dict[str, Any]]) -> None:
     """One multi-row insert; (job_id, row) already logged by an earlier delivery is skipped."""
-    if logs:
-        session.execute(pg_insert(PredictionLog).on_conflict_do_nothing(), logs)
+    if not logs:
+        return
+    cur = session.connection().connection.cursor()
+    execute_values(
+        cur,
+        "INSERT INTO prediction_logs (job_id, row, model, version, inputs, score, label) "
+        "VALUES %s ON CONFLICT (job_id, row) DO NOTHING",
+        [
+            (
+                str(r["job_id"]),
+                r["row"],
+                r["model"],
+                r["version"],
+                json.dumps(r["inputs"]),
+                r["score"],
+                r["label"],
+            )
+            for r in logs
+        ],
+        template="(%s::uuid, %s, %s, %s, %s::jsonb, %s, %s)",
+        page_size=1000,
+    )

@@ -8,7 +8,7 @@ request histogram into Prometheus text. No per-process exporter, no multiprocess
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -50,19 +50,28 @@ def _bucket(value: float, bounds: Iterable[float]) -> str:
 
 
 def record_ended(pipe: Any, jobs: Iterable[Any]) -> None:
-    """Counts for jobs that just reached a terminal state."""
+    """Counts for jobs that just reached a terminal state: summed here first, so a batch
+    of jobs costs one HINCRBYFLOAT per distinct series, not several per job."""
+    totals: Counter[str] = Counter()
+
+    def add(*parts: object, by: float = 1) -> None:
+        totals[_SEP.join(map(str, parts))] += by
+
     for job in jobs:
-        count(pipe, "jobs", job.type, job.status)
+        add("jobs", job.type, job.status)
         if job.started_at and job.finished_at:
             secs = (job.finished_at - job.started_at).total_seconds()
-            count(pipe, "runtime_bucket", job.type, _bucket(secs, RUNTIME_BUCKETS))
-            count(pipe, "runtime_sum", job.type, by=secs)
+            add("runtime_bucket", job.type, _bucket(secs, RUNTIME_BUCKETS))
+            add("runtime_sum", job.type, by=secs)
         preds = (job.result or {}).get("predictions") if job.status == "succeeded" else None
         if preds:
-            count(pipe, "predictions", job.model, job.model_version, by=len(preds))
+            add("predictions", job.model, job.model_version, by=len(preds))
             for p in preds:
                 if p.get("label") is not None and 0.0 <= p["score"] <= 1.0:
-                    count(pipe, "score_bucket", job.model, _bucket(p["score"], SCORE_BUCKETS))
+                    add("score_bucket", job.model, _bucket(p["score"], SCORE_BUCKETS))
+    key = _stats_key()
+    for field, value in totals.items():
+        pipe.hincrbyfloat(key, field, value)
 
 
 def _cumulative(

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, or_, select
 
-from api.deps import Principal, RedisDep, SessionDep, SettingsDep, redis_async, require
+from api.deps import Principal, RedisDep, SessionDep, redis_async, require
 from api.schemas import JobAccepted, JobCreate, JobList, JobPublic, JobSummary
 from api.submitter import IdempotencyKeyTakenError, NewJob, submitter
 from api.validation import request_hash, validate_job
@@ -57,7 +57,7 @@ def _accepted(
     return JSONResponse(body, status_code=code, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-def _replay(tenant: str, key: str, digest: str) -> JSONResponse | None:
+def _replay(tenant: str, key: str, digest: str | None) -> JSONResponse | None:
     """The job a retried request already created (200), or 409 if the body differs."""
     with session_scope() as session:
         job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
@@ -81,7 +81,6 @@ def _replay(tenant: str, key: str, digest: str) -> JSONResponse | None:
 @router.post("", status_code=202, response_model=JobAccepted)
 async def submit_job(
     body: JobCreate,
-    settings: SettingsDep,
     principal: Annotated[Principal, require("jobs:write")],
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
@@ -90,12 +89,13 @@ async def submit_job(
     The record and the message are written together with those of concurrent requests
     (see ``api.submitter``); the 202 goes out only after both.
     """
-    digest = request_hash(body)
+    # The body's hash only matters to tell a retry from a different request with its key.
+    digest = request_hash(body) if idempotency_key else None
     if idempotency_key:
         replay = await run_in_threadpool(_replay, principal.tenant, idempotency_key, digest)
         if replay is not None:
             return replay
-    version, request = await validate_job(body, settings.max_rows)
+    version, request = await validate_job(body, get_settings().max_rows)
     job = NewJob(
         id=uuid.uuid4(),
         tenant=principal.tenant,
@@ -116,7 +116,7 @@ async def submit_job(
         replay = await run_in_threadpool(_replay, principal.tenant, idempotency_key or "", digest)
         assert replay is not None
         return replay
-    log.info("accepted %s job", job.type, extra={"job_id": str(job.id)})
+    log.debug("accepted %s job", job.type, extra={"job_id": str(job.id)})
     return _accepted(
         job_id=job.id,
         type_=job.type,
