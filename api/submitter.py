@@ -28,7 +28,7 @@ from psycopg2.extras import execute_values
 from api.deps import redis_sync
 from shared.config import get_settings
 from shared.db import get_engine
-from workers.dispatch import enqueue
+from workers.dispatch import enqueue, ring_predict
 
 __all__ = [
     "NewJob",
@@ -168,7 +168,9 @@ class GroupCommitter:
         recorded = {uuid.UUID(str(r[0])) for r in returned}
         accepted = [j for j in jobs if j.id in recorded]
         try:
-            enqueue([(j.id, j.type, j.priority) for j in accepted])
+            predict = [(j.id, j.type, j.priority) for j in accepted if j.type == "predict"]
+            ring_predict(redis_sync(), predict)
+            enqueue([(j.id, j.type, j.priority) for j in accepted if j.type != "predict"])
         except Exception as exc:
             log.error("broker unavailable, withdrawing %d jobs: %s", len(accepted), exc)
             self._withdraw(accepted)

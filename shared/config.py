@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="Deliveries of one job before it fails for good.")
     worker_concurrency: int = Field(2, description="Prefork processes per worker.")
     model_poll_s: float = Field(5.0, description="How often workers look for promotions.")
+    batch_max_jobs: int = Field(
+        512, description="Queued predict jobs one delivery takes into its batch, at most."
+    )
+    batch_max_rows: int = Field(20_000, description="Rows per model call, at most.")
     onnx: bool = Field(True, description="Run pipelines on onnxruntime where they convert exactly.")
     prediction_cache_ttl_s: int = Field(
         3600, description="Content-addressed prediction cache in Redis; 0 turns it off."

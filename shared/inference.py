@@ -145,7 +145,17 @@ def run_predict_jobs(
             for job in group:
                 out.errors[job.id] = ("model_unavailable", f"{name} v{version}: {exc}")
             continue
-        _predict_group(out, model, group, rows, redis)
+        # Capped by rows: a backlog of big jobs becomes several calls, not one huge one.
+        cap = get_settings().batch_max_rows
+        part: list[Job] = []
+        size = 0
+        for job in group:
+            if part and size + len(rows[job.id]) > cap:
+                _predict_group(out, model, part, rows, redis)
+                part, size = [], 0
+            part.append(job)
+            size += len(rows[job.id])
+        _predict_group(out, model, part, rows, redis)
     return out
 
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from redis import Redis
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from shared.config import get_settings
@@ -103,57 +103,84 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def claim(session: Session, job_ids: list[uuid.UUID], *, worker: str, task_id: str) -> list[Job]:
+_CLAIM = text(
+    """
+    WITH picked AS (
+        SELECT id FROM jobs
+        WHERE (id = ANY(CAST(:ids AS uuid[]))
+               AND (status = 'queued' OR (status = 'running' AND heartbeat_at < :cutoff)))
+           OR (status = 'running' AND worker LIKE :redelivered)
+        FOR UPDATE SKIP LOCKED
+    ), extra AS (
+        SELECT id FROM jobs
+        WHERE status = 'queued' AND type = 'predict' AND id <> ALL(CAST(:ids AS uuid[]))
+        ORDER BY created_at
+        LIMIT :drain
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE jobs SET status = 'running', attempts = attempts + 1, worker = :worker,
+                    started_at = now(), heartbeat_at = now()
+    WHERE id IN (SELECT id FROM picked UNION SELECT id FROM extra)
+    RETURNING *
+    """
+)
+
+
+def claim(
+    session: Session,
+    job_ids: list[uuid.UUID],
+    *,
+    worker: str,
+    task_id: str,
+    drain: int = 0,
+) -> list[Job]:
     """Move jobs to ``running`` for this delivery; returns the jobs this delivery may run.
 
     A job is taken when it is queued; when it is running under this same task id (the
     message was redelivered because its worker died); or when it is running but its lease
-    ran out (no heartbeat for ``INFERQ_RUNNING_LEASE_S``). A duplicate message sent while
-    another delivery is alive takes nothing. Each take counts an attempt; past
-    ``INFERQ_MAX_ATTEMPTS`` the job fails for good instead.
+    ran out (no heartbeat for ``INFERQ_RUNNING_LEASE_S``). ``drain`` > 0 also takes up to
+    that many other queued predict jobs, oldest first: whatever is waiting is predicted in
+    this batch. Rows another delivery holds are skipped, so duplicates take nothing. Each
+    take counts an attempt; past ``INFERQ_MAX_ATTEMPTS`` the job fails for good instead.
     """
     settings = get_settings()
-    now = _now()
-    lease_cutoff = datetime.fromtimestamp(now.timestamp() - settings.running_lease_s, UTC)
-    takeable = and_(
-        Job.id.in_(job_ids),
-        or_(
-            Job.status == JobStatus.QUEUED,
-            and_(
-                Job.status == JobStatus.RUNNING,
-                or_(Job.worker.like(f"%/{task_id}"), Job.heartbeat_at < lease_cutoff),
-            ),
-        ),
-    )
-    exhausted = session.scalars(
-        update(Job)
-        .where(takeable, Job.attempts >= settings.max_attempts)
-        .values(
-            status=JobStatus.FAILED,
-            finished_at=now,
-            error={
-                "code": "too_many_attempts",
-                "message": f"gave up after {settings.max_attempts} attempts "
-                "(the worker running it died or timed out each time)",
+    cutoff = datetime.fromtimestamp(_now().timestamp() - settings.running_lease_s, UTC)
+    taken = list(
+        session.scalars(
+            select(Job).from_statement(_CLAIM),
+            {
+                "ids": [str(i) for i in job_ids],
+                "cutoff": cutoff,
+                "redelivered": f"%/{task_id}",
+                "drain": drain,
+                "worker": f"{worker}/{task_id}",
             },
         )
-        .returning(Job)
-    ).all()
-    taken = session.scalars(
-        update(Job)
-        .where(takeable)
-        .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            worker=f"{worker}/{task_id}",
-            started_at=now,
-            heartbeat_at=now,
+    )
+    exhausted = [j.id for j in taken if j.attempts > settings.max_attempts]
+    if not exhausted:
+        return taken
+    failed = {
+        j.id: j
+        for j in session.scalars(
+            update(Job)
+            .where(Job.id.in_(exhausted))
+            .values(
+                status=JobStatus.FAILED,
+                finished_at=_now(),
+                error={
+                    "code": "too_many_attempts",
+                    "message": f"gave up after {settings.max_attempts} attempts "
+                    "(the worker running it died or timed out each time)",
+                },
+            )
+            .returning(Job)
+            .execution_options(populate_existing=True)
         )
-        .returning(Job)
-    ).all()
-    for job in exhausted:
-        log.warning("job %s failed: too many attempts", job.id, extra={"job_id": str(job.id)})
-    return list(exhausted) + list(taken)
+    }
+    for job_id in failed:
+        log.warning("job %s failed: too many attempts", job_id, extra={"job_id": str(job_id)})
+    return [failed.get(j.id, j) for j in taken]
 
 
 def finish(

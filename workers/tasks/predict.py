@@ -10,11 +10,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
 from shared import jobs as jobstore
+from shared.config import get_settings
 from shared.db import get_engine, session_scope
 from shared.inference import run_predict_jobs, write_prediction_logs
 from shared.jobs import JobStatus
 from shared.logs import job_context
 from workers.app import celery_app
+from workers.dispatch import ring_predict
 from workers.runtime import models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
@@ -29,16 +31,25 @@ log = logging.getLogger(__name__)
     max_retries=5,
 )
 def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
-    """Claim the jobs, predict them together, record results and logs in one transaction."""
+    """Claim the message's jobs and every other queued predict job (up to
+    INFERQ_BATCH_MAX_JOBS), predict them together, record results and logs at once."""
     ids = [uuid.UUID(i) for i in job_ids]
     redis = redis_client()
+    s = get_settings()
+    # Before claiming: a job committed from now on rings again (see ring_predict).
+    redis.delete(s.key("bell", "predict"))
     with session_scope() as session:
-        claimed = jobstore.claim(session, ids, worker=worker_name(), task_id=self.request.id)
+        claimed = jobstore.claim(
+            session, ids, worker=worker_name(), task_id=self.request.id, drain=s.batch_max_jobs
+        )
     jobstore.mirror(redis, [j for j in claimed if j.status in jobstore.TERMINAL])
     runnable = [j for j in claimed if j.status == JobStatus.RUNNING]
+    if len(claimed) >= s.batch_max_jobs + len(ids):
+        # A full batch: more may be waiting; let another delivery (or process) go on.
+        ring_predict(redis, [], even_empty=True)
     if not runnable:
         return 0
-    with job_context(",".join(str(j.id) for j in runnable)):
+    with job_context(",".join(str(j.id) for j in runnable[:20])):
         try:
             with session_scope() as session:
                 out = run_predict_jobs(session, get_engine(), redis, models, runnable)
@@ -69,4 +80,5 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
                     if j is not None
                 ]
         jobstore.mirror(redis, ended)
+        log.info("predicted a batch of %d jobs", len(runnable))
     return len(ended)
