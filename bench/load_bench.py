@@ -749,7 +749,21 @@ def run_inferq(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
             env.env,
             logdir,
         ),
-        start("api", [py, "-m", "shared.cli", "api", "--port", str(port)], env.env, logdir),
+        start(
+            "api",
+            [
+                py,
+                "-m",
+                "shared.cli",
+                "api",
+                "--port",
+                str(port),
+                "--processes",
+                str(args.api_processes),
+            ],
+            env.env,
+            logdir,
+        ),
     ]
     try:
         base = f"http://127.0.0.1:{port}"
@@ -969,6 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
     p.add_argument("--rate", type=float, default=500.0, help="open-loop jobs/s offered")
     p.add_argument("--skip-naive", action="store_true", help="measure inferq only")
+    p.add_argument("--api-processes", type=int, default=1, help="inferq api processes")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process started here.
