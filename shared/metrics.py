@@ -8,7 +8,7 @@ request histogram into Prometheus text. No per-process exporter, no multiprocess
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -52,7 +52,7 @@ def _bucket(value: float, bounds: Iterable[float]) -> str:
 def record_ended(pipe: Any, jobs: Iterable[Any]) -> None:
     """Counts for jobs that just reached a terminal state: summed here first, so a batch
     of jobs costs one HINCRBYFLOAT per distinct series, not several per job."""
-    totals: Counter[str] = Counter()
+    totals: dict[str, float] = defaultdict(float)
 
     def add(*parts: object, by: float = 1) -> None:
         totals[_SEP.join(map(str, parts))] += by
@@ -119,7 +119,8 @@ class StatsCollector(Collector):
             log.warning("metrics: Redis unavailable (%s)", exc)
 
     def _collect(self) -> Iterator[Metric]:
-        raw = {k.decode(): float(v) for k, v in self._redis.hgetall(_stats_key()).items()}
+        stats = self._redis.hgetall(_stats_key())
+        raw = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in stats.items()}
         jobs = CounterMetricFamily(
             "inferq_jobs", "Jobs ended, by type and status.", labels=["type", "status"]
         )

@@ -46,7 +46,7 @@ def validate_segment(segment: dict[str, Any], schema: dict[str, Any]) -> list[di
     """Equality or IN filters on declared columns only; each problem names its field."""
     specs = {f["name"]: f for f in schema["features"]}
     specs["id"] = {"name": "id", "type": "int", "min": 1}
-    errors = []
+    errors: list[dict[str, Any]] = []
     for name, value in segment.items():
         loc = ["body", "segment", name]
         spec = specs.get(name)
@@ -138,7 +138,7 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
         where, params = _where(run.segment)
         cur = session.connection().connection.cursor()
         cur.execute(f"SELECT min(id), max(id), count(*) FROM customers WHERE {where}", params)
-        lo, hi, total = cur.fetchone()
+        lo, hi, total = cur.fetchone()  # type: ignore[misc]
         n = max(1, math.ceil(total / chunk_rows)) if total else 0
         if n:
             bounds = np.linspace(lo, hi + 1, n + 1).astype(np.int64)
@@ -178,7 +178,7 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
             "WHERE c.run_id = %s AND c.chunk = %s FOR UPDATE OF c",
             (str(run_id), chunk),
         )
-        lo, hi, done_at, segment, status = cur.fetchone()
+        lo, hi, done_at, segment, status = cur.fetchone()  # type: ignore[misc]
         if done_at is not None:
             raw.rollback()
             return ChunkOutcome.ALREADY_DONE
@@ -226,7 +226,7 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
             "RETURNING rows_scored, rows_total",
             (n, str(run_id)),
         )
-        done, total = cur.fetchone()
+        done, total = cur.fetchone()  # type: ignore[misc]
         cur.execute(
             "UPDATE jobs SET heartbeat_at = now(), "
             "progress = jsonb_build_object('done', %s::bigint, 'total', %s::bigint)"

@@ -43,7 +43,7 @@ def _churn_data(session: Session, max_rows: int) -> tuple[np.ndarray, np.ndarray
             f"churn needs at least 200 labelled customers, found {len(rows)}; "
             "run `inferq seed --customers N`"
         )
-    X = encode_rows(rows, SPECS["churn"].schema)
+    X = encode_rows([dict(r) for r in rows], SPECS["churn"].schema)
     y = np.fromiter((r["churned"] for r in rows), dtype=np.int8, count=len(rows))
     stamps = [r["updated_at"] for r in rows]
     window = {"rows": len(rows), "from": min(stamps).isoformat(), "to": max(stamps).isoformat()}

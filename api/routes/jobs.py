@@ -225,7 +225,7 @@ def _stream_rows(run_id: uuid.UUID, batch: int = 20_000) -> Iterator[str]:
     raw = get_engine().raw_connection()
     try:
         cur = raw.cursor(name=f"csv_{run_id.hex}")  # server-side: constant memory
-        cur.itersize = batch
+        cur.itersize = batch  # type: ignore[attr-defined]
         cur.execute(
             "SELECT entity_id, score, label FROM predictions WHERE run_id = %s ORDER BY entity_id",
             (str(run_id),),

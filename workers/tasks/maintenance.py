@@ -117,6 +117,7 @@ def prune_prediction_logs() -> int:
     days = get_settings().prediction_log_retention_days
     cutoff = datetime.now(UTC) - timedelta(days=days)
     with session_scope() as session:
-        n = session.execute(delete(PredictionLog).where(PredictionLog.created_at < cutoff)).rowcount
+        result = session.execute(delete(PredictionLog).where(PredictionLog.created_at < cutoff))
+        n = result.rowcount  # type: ignore[attr-defined]
     log.info("pruned %d prediction logs older than %d days", n, days)
     return int(n or 0)

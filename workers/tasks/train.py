@@ -7,12 +7,14 @@ import threading
 import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
 
 from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import JobStatus
 from shared.logs import job_context
+from shared.orm import Job
 from shared.training import NotEnoughDataError, train
 from workers.app import celery_app
 from workers.runtime import redis_client, worker_name
@@ -56,9 +58,7 @@ def run(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
                 ended = jobstore.finish(session, {jid: result})
                 if ended:
                     session.execute(
-                        jobstore.Job.__table__.update()
-                        .where(jobstore.Job.id == jid)
-                        .values(model_version=result["version"])
+                        update(Job).where(Job.id == jid).values(model_version=result["version"])
                     )
                     ended[0].model_version = result["version"]
         except (NotEnoughDataError, SoftTimeLimitExceeded) as exc:
