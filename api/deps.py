@@ -27,6 +27,7 @@ __all__ = [
     "RedisDep",
     "Principal",
     "require",
+    "authorize",
     "redis_sync",
     "redis_async",
 ]
@@ -134,6 +135,15 @@ async def _rate_limit(principal: Principal, settings: Settings) -> None:
         )
 
 
+async def authorize(request: Request, scope: str) -> Principal:
+    """The authenticated, rate-limited principal holding ``scope`` (else 401/403/429)."""
+    principal = await _authenticate(request)
+    if scope not in principal.scopes:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"this key lacks the {scope!r} scope")
+    await _rate_limit(principal, get_settings())
+    return principal
+
+
 def require(scope: str):  # type: ignore[no-untyped-def]
     """Dependency: an authenticated, rate-limited principal holding ``scope`` (else 401/403/429).
 
@@ -141,10 +151,6 @@ def require(scope: str):  # type: ignore[no-untyped-def]
     """
 
     async def dependency(request: Request) -> Principal:
-        principal = await _authenticate(request)
-        if scope not in principal.scopes:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"this key lacks the {scope!r} scope")
-        await _rate_limit(principal, get_settings())
-        return principal
+        return await authorize(request, scope)
 
     return Depends(dependency)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import redis_async, redis_sync
+from api.fastpath import FastPath
 from api.routes import jobs, models, ops
 from api.submitter import BrokerUnavailableError, DatabaseUnavailableError
 from api.waiter import waiter
@@ -204,6 +205,8 @@ def create_app() -> FastAPI:
             app.add_exception_handler(exc, _unavailable(what))
     app.add_exception_handler(Exception, _internal_error)
 
+    if settings.fast_path:
+        app.add_middleware(FastPath, api=app)
     app.add_middleware(ObserveMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     return app

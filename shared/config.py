@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(2000.0, description="Token refill per key per second; 0 = off.")
     rate_limit_burst: int = Field(4000, description="Token bucket size per key.")
     registry_cache_s: float = Field(2.0, description="API cache of production versions, seconds.")
+    fast_path: bool = Field(
+        True, description="Serve POST /v1/jobs and GET /v1/jobs/{id} without FastAPI routing."
+    )
 
     # Redis data
     redis_prefix: str = "inferq"

@@ -89,6 +89,13 @@ async def submit_job(
     The record and the message are written together with those of concurrent requests
     (see ``api.submitter``); the 202 goes out only after both.
     """
+    return await submit(body, principal, idempotency_key)
+
+
+async def submit(
+    body: JobCreate, principal: Principal, idempotency_key: str | None
+) -> JSONResponse:
+    """The work of ``POST /v1/jobs`` (also served by ``api.fastpath``)."""
     # The body's hash only matters to tell a retry from a different request with its key.
     digest = request_hash(body) if idempotency_key else None
     if idempotency_key:
@@ -158,6 +165,11 @@ async def get_job(
     Postgres, the record (progress lives there), except that a long-poll on a job whose
     hot copy exists waits for the done channel without touching Postgres.
     """
+    return await read_job(job_id, principal, wait)
+
+
+async def read_job(job_id: str, principal: Principal, wait: float) -> JSONResponse:
+    """The work of ``GET /v1/jobs/{id}`` (also served by ``api.fastpath``)."""
     jid = _parse_id(job_id)
     tenant = principal.tenant
     with waiter.watch(str(jid)) as ended:
