@@ -25,7 +25,13 @@ from api.deps import authorize
 from api.routes.jobs import read_job, submit
 from api.schemas import JobCreate
 
-__all__ = ["FastPath"]
+__all__ = ["FastPath", "BodyTooLargeError"]
+
+
+class BodyTooLargeError(Exception):
+    """Raised from ``receive`` once a body passes INFERQ_MAX_BODY_BYTES; the body-limit
+    middleware has already answered 413 and catches it."""
+
 
 _JOBS = "/v1/jobs"
 #: The same constraint as the FastAPI route's ``wait`` query parameter.
@@ -59,6 +65,8 @@ class FastPath:
         request = Request(scope, receive)
         try:
             response = await handler(request)
+        except BodyTooLargeError:
+            raise
         except Exception as exc:
             response = await self._handle(request, exc)
         await response(scope, receive, send)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import redis_async, redis_sync
-from api.fastpath import FastPath
+from api.fastpath import BodyTooLargeError, FastPath
 from api.routes import jobs, models, ops
 from api.submitter import BrokerUnavailableError, DatabaseUnavailableError
 from api.waiter import waiter
@@ -72,7 +72,7 @@ class BodyLimitMiddleware:
                     if not started and not refused:
                         refused = True
                         await self._refuse(send)
-                    raise _TooLarge
+                    raise BodyTooLargeError
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -82,7 +82,7 @@ class BodyLimitMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        with suppress(_TooLarge):
+        with suppress(BodyTooLargeError):
             await self.app(scope, limited_receive, guarded_send)
 
     async def _refuse(self, send: Send) -> None:
@@ -118,10 +118,6 @@ class ObserveMiddleware:
             REQUEST_SECONDS.labels(
                 scope["method"], getattr(route, "path", "unmatched"), code
             ).observe(time.perf_counter() - start)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _no_receive() -> Message:
