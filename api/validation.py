@@ -18,7 +18,9 @@ from sqlalchemy import text
 
 from api.registry_view import VersionInfo, registry_view
 from api.schemas import JobCreate
+from shared.callbacks import CallbackRefusedError, check_url
 from shared.catalog import SPECS
+from shared.config import get_settings
 from shared.db import session_scope
 from shared.inputs import validate_rows
 from shared.scoring import validate_segment
@@ -131,13 +133,28 @@ def _validate_score(body: JobCreate, info: VersionInfo) -> dict:
 async def validate_job(body: JobCreate, max_rows: int) -> tuple[int | None, dict]:
     """(model version, request to store), or a 413/422 naming the field."""
     if body.callback_url is not None:
-        invalid("callback_url", "callbacks are not supported yet; poll GET /v1/jobs/{id}")
+        try:
+            # No DNS lookup on the request path: names are resolved and checked at delivery.
+            check_url(
+                body.callback_url,
+                allow_private=get_settings().callback_allow_private,
+                resolve=False,
+            )
+        except CallbackRefusedError as exc:
+            invalid("callback_url", str(exc))
     if body.type == "train":
         _not_for(body, "train", "inputs", "entity_ids", "segment", "version")
         if body.model not in SPECS:
             invalid("model", f"unknown trainable model {body.model!r}; known: {sorted(SPECS)}")
-        return None, {"promote": body.promote or "if_better"}
+        request: dict[str, Any] = {"promote": body.promote or "if_better"}
+        if body.callback_url is not None:
+            request["callback_url"] = body.callback_url
+        return None, request
     info = await _resolve(body)
     if body.type == "score":
-        return info.version, _validate_score(body, info)
-    return info.version, await _validate_predict(body, info, max_rows)
+        version, request = info.version, _validate_score(body, info)
+    else:
+        version, request = info.version, await _validate_predict(body, info, max_rows)
+    if body.callback_url is not None:
+        request["callback_url"] = body.callback_url
+    return version, request

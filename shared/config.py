@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: str = Field("", description="Required: Flower never runs without auth.")
 
+    callback_secret: str = Field(
+        "", description="HMAC key for X-Inferq-Signature on callbacks; empty = unsigned."
+    )
+    callback_allow_private: bool = Field(
+        False, description="Allow callbacks to loopback/private addresses (development)."
+    )
+
     log_level: str = "INFO"
     log_json: bool = True
 

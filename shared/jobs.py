@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "cancel",
     "set_progress",
     "heartbeat",
+    "ended_hooks",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class JobStatus(StrEnum):
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 #: Redis pub/sub channel: a job id is published when the job reaches a terminal state.
 DONE_CHANNEL = "done"
+#: Called with the jobs that just ended, after their hot copies are written (callback
+#: delivery registers here, see ``workers.dispatch``).
+ended_hooks: list[Callable[[list[Job]], None]] = []
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -92,6 +97,13 @@ def mirror(redis: Redis, jobs: list[Job], *, pipe: Any = None) -> None:
             p.publish(settings.key(DONE_CHANNEL), str(job.id))
     if pipe is None:
         p.execute()
+    ended = [j for j in jobs if j.status in TERMINAL]
+    if ended:
+        for hook in ended_hooks:
+            try:
+                hook(ended)
+            except Exception:  # a notification must never undo a recorded result
+                log.exception("ended-job hook failed")
 
 
 def read_hot(redis: Redis, job_id: uuid.UUID) -> dict[str, Any] | None:

@@ -71,6 +71,9 @@ def pytest_configure(config: pytest.Config) -> None:
             # Many chunks per run, so runs have progress to show and a killed worker
             # leaves chunks in flight.
             "INFERQ_SCORE_CHUNK_ROWS": "10000",
+            # Callback receivers in the tests listen on loopback.
+            "INFERQ_CALLBACK_ALLOW_PRIVATE": "true",
+            "INFERQ_CALLBACK_SECRET": "test-callback-secret",
         }
     )
 

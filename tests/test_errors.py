@@ -175,7 +175,7 @@ def test_many_bad_rows_report_a_bounded_list(client: httpx.Client) -> None:
         ({"model": "churn", "inputs": [ROW], "colour": "red"}, ("body", "colour")),
         ({"model": "churn", "type": "nope", "inputs": [ROW]}, ("body", "type")),
         ({"model": "churn", "inputs": [ROW], "priority": "urgent"}, ("body", "priority")),
-        ({"model": "churn", "inputs": [ROW], "callback_url": "http://x"}, ("body", "callback_url")),
+        ({"model": "churn", "inputs": [ROW], "callback_url": "ftp://x"}, ("body", "callback_url")),
         ({"model": "churn", "inputs": [ROW], "segment": {}}, ("body", "segment")),
         ({"model": "demand", "entity_ids": [1]}, ("body", "entity_ids")),
         ({"model": "lasso", "type": "train"}, ("body", "model")),

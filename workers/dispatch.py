@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from redis import Redis
 
 from shared.config import get_settings
+from shared.jobs import ended_hooks
+from shared.orm import Job
 from workers.app import PRIORITIES, TASK_FOR_TYPE, celery_app
 
 __all__ = ["enqueue", "ring_predict", "PREDICT_BATCH", "BELL_TTL_MS"]
@@ -73,3 +75,13 @@ def enqueue(jobs: Iterable[tuple[uuid.UUID, str, str]]) -> int:
             )
             sent += 1
     return sent
+
+
+def _send_callbacks(jobs: list[Job]) -> None:
+    """Queue one ``ops.callback`` delivery per ended job that asked for one."""
+    for job in jobs:
+        if (job.request or {}).get("callback_url"):
+            celery_app.send_task("ops.callback", args=[str(job.id)], queue="ops")
+
+
+ended_hooks.append(_send_callbacks)
