@@ -100,7 +100,7 @@ def evaluate(
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to train one built-in model. ``data`` returns (X, y, training window)."""
+    """A built-in model: its kind, input schema, estimator factory and decision threshold."""
 
     name: str
     kind: str

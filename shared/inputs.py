@@ -20,16 +20,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_value", "validate_rows", "encode_rows", "feature_names", "MAX_REPORTED_ERRORS"]
+__all__ = ["check_value", "validate_rows", "encode_rows", "MAX_REPORTED_ERRORS"]
 
 #: A 10,000-row body with a bad column would otherwise answer 10,000 errors.
 MAX_REPORTED_ERRORS = 50
 
 Error = dict[str, Any]
-
-
-def feature_names(schema: Mapping[str, Any]) -> list[str]:
-    return [f["name"] for f in schema["features"]]
 
 
 def check_value(value: Any, spec: Mapping[str, Any]) -> tuple[str, str] | None:

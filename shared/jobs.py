@@ -28,12 +28,10 @@ __all__ = [
     "DONE_CHANNEL",
     "public_view",
     "mirror",
-    "read_hot",
     "claim",
     "finish",
     "fail",
     "cancel",
-    "set_progress",
     "heartbeat",
     "ended_hooks",
 ]
@@ -104,11 +102,6 @@ def mirror(redis: Redis, jobs: list[Job], *, pipe: Any = None) -> None:
                 hook(ended)
             except Exception:  # a notification must never undo a recorded result
                 log.exception("ended-job hook failed")
-
-
-def read_hot(redis: Redis, job_id: uuid.UUID) -> dict[str, Any] | None:
-    raw = redis.get(get_settings().key("job", job_id))
-    return json.loads(raw) if raw else None
 
 
 def _now() -> datetime:
@@ -247,16 +240,6 @@ def cancel(session: Session, job_id: uuid.UUID, *, tenant: str) -> tuple[Job | N
     if job is not None:
         return job, True
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant)), False
-
-
-def set_progress(session: Session, job_id: uuid.UUID, *, done: int, total: int) -> Job | None:
-    """Record progress of a running job (also its heartbeat)."""
-    return session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-        .values(progress={"done": done, "total": total}, heartbeat_at=_now())
-        .returning(Job)
-    )
 
 
 def heartbeat(session: Session, job_id: uuid.UUID) -> str | None:

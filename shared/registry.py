@@ -199,6 +199,3 @@ class ModelCache:
                 self.get(session, name, version)
                 loaded.append((name, version))
         return loaded
-
-    def __contains__(self, key: tuple[str, int]) -> bool:
-        return key in self._models
