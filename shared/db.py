@@ -10,9 +10,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
 
-__all__ = ["get_engine", "session_scope", "SessionLocal", "dispose_engine"]
+__all__ = ["get_engine", "session_scope", "SessionLocal", "dispose_engine", "relax_commits"]
 
 _engine: Engine | None = None
+_options = ""
 SessionLocal = sessionmaker(expire_on_commit=False)
 
 
@@ -27,7 +28,11 @@ def get_engine() -> Engine:
             pool_size=10,
             max_overflow=20,
             pool_timeout=5,
-            connect_args={"connect_timeout": 3, "application_name": "inferq"},
+            connect_args={
+                "connect_timeout": 3,
+                "application_name": "inferq",
+                **({"options": _options} if _options else {}),
+            },
         )
         SessionLocal.configure(bind=_engine)
     return _engine
@@ -39,6 +44,16 @@ def dispose_engine() -> None:
     if _engine is not None:
         _engine.dispose(close=False)
     _engine = None
+
+
+def relax_commits() -> None:
+    """This process's commits stop waiting for the WAL flush (a fsync costs milliseconds
+    here, most of an idle job's latency). Only for worker processes, whose every write is
+    idempotent and re-run from the ledger if a Postgres crash loses it; the API's insert
+    behind the 202 keeps synchronous commits."""
+    global _options
+    _options = "-c synchronous_commit=off"
+    dispose_engine()
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from redis import Redis
 from threadpoolctl import threadpool_limits
 
 from shared.config import get_settings
-from shared.db import dispose_engine, session_scope
+from shared.db import relax_commits, session_scope
 from shared.registry import ModelCache
 
 __all__ = ["models", "redis_client", "worker_name"]
@@ -60,8 +60,9 @@ def _watch_promotions() -> None:
 
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
-    # The parent's connections must not be shared with a forked child.
-    dispose_engine()
+    # The parent's connections must not be shared with a forked child (relax_commits
+    # disposes of them too).
+    relax_commits()
     redis_client.cache_clear()
     threadpool_limits(1)
     _warm()

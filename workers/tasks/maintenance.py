@@ -6,7 +6,7 @@ import logging
 import uuid
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from shared.config import get_settings
@@ -67,6 +67,9 @@ def schedule_nightly_run(model: str, night: date) -> uuid.UUID | None:
     """Record tonight's run of ``model`` as a score job, once: None if it already exists."""
     s = get_settings()
     with session_scope() as session:
+        # Worker commits skip the WAL flush (shared.db.relax_commits); this one must not:
+        # beat will not fire again for a night whose record a crash lost.
+        session.execute(text("SET LOCAL synchronous_commit TO ON"))
         version = production_versions(session).get(model)
         if version is None:
             log.error("nightly scoring of %s skipped: no production version", model)

@@ -7,9 +7,7 @@ import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from shared import jobs as jobstore
 from shared.config import get_settings
@@ -22,15 +20,6 @@ from workers.dispatch import ring_predict
 from workers.runtime import models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
-
-
-def _relaxed_commit(session: Session) -> None:
-    """Do not wait for the WAL flush on this transaction's commit (a fsync costs
-    milliseconds here, most of an idle job's latency). Safe for the worker's writes: if
-    Postgres crashes before the flush, the claim or the result is lost whole, the job is
-    still queued or running in the ledger, and the sweeper runs it again; every effect is
-    idempotent. The API's insert, the 202 promise, keeps a synchronous commit."""
-    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 @celery_app.task(
@@ -50,7 +39,6 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     # Before claiming: a job committed from now on rings again (see ring_predict).
     redis.delete(s.key("bell", "predict"))
     with session_scope() as session:
-        _relaxed_commit(session)
         claimed = jobstore.claim(
             session, ids, worker=worker_name(), task_id=self.request.id, drain=s.batch_max_jobs
         )
@@ -64,7 +52,6 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     with job_context(",".join(str(j.id) for j in runnable[:20])):
         try:
             with session_scope() as session:
-                _relaxed_commit(session)
                 out = run_predict_jobs(session, get_engine(), redis, models, runnable)
                 write_prediction_logs(session, out.logs)
                 progress = {
