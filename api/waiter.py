@@ -23,23 +23,30 @@ __all__ = ["Waiter", "waiter"]
 log = logging.getLogger(__name__)
 
 
+class _Ended(asyncio.Event):
+    """Set when the job ends; ``doc`` is its hot copy when the message carried one."""
+
+    doc: bytes | None = None
+
+
 class Waiter:
     def __init__(self) -> None:
-        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._events: dict[str, set[_Ended]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[Callable[[float], Awaitable[bool]]]:
-        """Yields ``ended(timeout) -> bool``: true if the job ended within ``timeout`` s."""
-        event = asyncio.Event()
+    def watch(self, job_id: str) -> Iterator[Callable[[float], Awaitable[bytes | bool]]]:
+        """Yields ``ended(timeout)``: False if the job did not end within ``timeout`` s,
+        else the job's hot copy (JSON bytes) when the done message carried it, else True."""
+        event = _Ended()
         self._events[job_id].add(event)
 
-        async def ended(timeout: float) -> bool:
+        async def ended(timeout: float) -> bytes | bool:
             try:
                 await asyncio.wait_for(event.wait(), timeout)
-                return True
             except TimeoutError:
                 return False
+            return event.doc or True
 
         try:
             yield ended
@@ -66,8 +73,11 @@ class Waiter:
                 async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(channel)
                     async for message in pubsub.listen():
-                        job_id = message["data"].decode()
+                        # "<job id>" or "<job id> <hot copy JSON>" (see shared.jobs.mirror)
+                        data: bytes = message["data"]
+                        job_id = data[:36].decode()
                         for event in self._events.get(job_id, ()):
+                            event.doc = data[37:] or None
                             event.set()
             except asyncio.CancelledError:
                 raise

@@ -50,8 +50,10 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-#: Redis pub/sub channel: a job id is published when the job reaches a terminal state.
+#: Redis pub/sub channel: a job id is published when the job reaches a terminal state,
+#: followed by a space and its hot copy when that is at most DONE_PAYLOAD_MAX bytes.
 DONE_CHANNEL = "done"
+DONE_PAYLOAD_MAX = 16 * 1024
 #: Called with the jobs that just ended, after their hot copies are written (callback
 #: delivery registers here, see ``workers.dispatch``).
 ended_hooks: list[Callable[[list[Job]], None]] = []
@@ -89,10 +91,12 @@ def mirror(redis: Redis, jobs: list[Job], *, pipe: Any = None) -> None:
     p = pipe if pipe is not None else redis.pipeline(transaction=False)
     record_ended(p, [j for j in jobs if j.status in TERMINAL])
     for job in jobs:
-        doc = {"tenant": job.tenant, "view": public_view(job)}
-        p.set(settings.key("job", job.id), json.dumps(doc), ex=settings.result_ttl_s)
+        doc = json.dumps({"tenant": job.tenant, "view": public_view(job)})
+        p.set(settings.key("job", job.id), doc, ex=settings.result_ttl_s)
         if job.status in TERMINAL:
-            p.publish(settings.key(DONE_CHANNEL), str(job.id))
+            # Small copies ride along, so a waiting long-poll needs no second read.
+            note = f"{job.id} {doc}" if len(doc) <= DONE_PAYLOAD_MAX else str(job.id)
+            p.publish(settings.key(DONE_CHANNEL), note)
     if pipe is None:
         p.execute()
     ended = [j for j in jobs if j.status in TERMINAL]

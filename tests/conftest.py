@@ -150,7 +150,11 @@ def start_api(env: dict[str, str] | None = None, *, ready: str = "/healthz") -> 
         except httpx.HTTPError:
             return False
 
-    wait_for(up, 30, "the API to answer")
+    try:
+        wait_for(up, 30, "the API to answer")
+    except BaseException:
+        proc.stop()  # never leave a process behind, even when it would not start
+        raise
     return proc, url
 
 
@@ -183,7 +187,11 @@ def stack() -> Iterator[Stack]:
         train(session, "churn", promote="always")
         train(session, "demand", promote="always")
     worker = start_process("worker", "worker", "-c", "2")
-    api, url = start_api()
+    try:
+        api, url = start_api()
+    except BaseException:
+        worker.stop()
+        raise
     try:
         wait_for(
             lambda: httpx.get(url + "/readyz", timeout=5).status_code == 200,

@@ -184,7 +184,10 @@ async def read_job(job_id: str, principal: Principal, wait: float) -> JSONRespon
                     raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
             if wait > 0 and view["status"] not in TERMINAL:
                 woke = await ended(wait)
-                doc = await _read_hot(jid) if woke else None
+                if isinstance(woke, bytes):
+                    doc = json.loads(woke)
+                else:
+                    doc = await _read_hot(jid) if woke else None
                 if doc is not None and doc["view"]["status"] in TERMINAL:
                     view = doc["view"]
                 else:
