@@ -49,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -682,7 +681,7 @@ def prepare(base: Path, servers: list[Any]) -> Env:
     roots: dict[str, int] = {}
     db_url = os.environ.get("INFERQ_DATABASE_URL", "")
     redis_url = os.environ.get("INFERQ_REDIS_URL", "")
-    from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
 
     if not db_url:
         pg = EmbeddedPostgres(base / "pg", database="inferq_bench")
@@ -703,14 +702,12 @@ def prepare(base: Path, servers: list[Any]) -> Env:
         naive_redis = os.environ.get("BENCH_NAIVE_REDIS_URL") or _with_db(redis_url, 2)
     api_key = "iq_bench_" + secrets.token_hex(16)
     os.environ.update(
+        isolated_env(
+            base, database_url=db_url, redis_url=redis_url, prefix="iqbench", api_key=api_key
+        )
+    )
+    os.environ.update(
         {
-            "INFERQ_DATABASE_URL": db_url,
-            "INFERQ_REDIS_URL": redis_url,
-            "INFERQ_BROKER_URL": "",
-            "INFERQ_REDIS_PREFIX": f"iqbench{uuid.uuid4().hex[:8]}",
-            "INFERQ_DATA_DIR": str(base / "data"),
-            "INFERQ_MODEL_DIR": str(base / "data" / "models"),
-            "INFERQ_BOOTSTRAP_API_KEY": api_key,
             "INFERQ_RATE_LIMIT_PER_S": "0",
             "INFERQ_LOG_LEVEL": "WARNING",
             "INFERQ_PREDICTION_CACHE_TTL_S": "0",

@@ -435,7 +435,7 @@ def main() -> int:  # noqa: C901 (one linear script)
     failed = False
     try:
         # Servers and settings first: shared.config caches the settings on first import.
-        from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+        from shared.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
 
         db_url = os.environ.get("INFERQ_DATABASE_URL")
         roots = [os.getpid()]  # an external database's CPU counts as another process's
@@ -449,18 +449,14 @@ def main() -> int:  # noqa: C901 (one linear script)
             redis = EmbeddedRedis(base / "redis", appendonly=False)
             servers.append(redis)
             redis_url = redis.start()
-        env = {
-            "INFERQ_DATABASE_URL": db_url,
-            "INFERQ_REDIS_URL": redis_url,
-            "INFERQ_BROKER_URL": "",
-            "INFERQ_REDIS_PREFIX": f"iqbench{uuid.uuid4().hex[:8]}",
-            "INFERQ_DATA_DIR": str(base / "data"),
-            "INFERQ_MODEL_DIR": str(base / "data" / "models"),
-            "INFERQ_BOOTSTRAP_API_KEY": "iq_bench_" + secrets.token_hex(16),
-            "INFERQ_LOG_JSON": "true",
-            "INFERQ_LOG_LEVEL": "INFO",
-            "INFERQ_ENV": "development",
-        }
+        env = isolated_env(
+            base,
+            database_url=db_url,
+            redis_url=redis_url,
+            prefix="iqbench",
+            api_key="iq_bench_" + secrets.token_hex(16),
+        )
+        env.update({"INFERQ_LOG_LEVEL": "INFO", "INFERQ_ENV": "development"})
         if args.chunk_rows:
             env["INFERQ_SCORE_CHUNK_ROWS"] = str(args.chunk_rows)
         os.environ.update(env)

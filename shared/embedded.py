@@ -12,11 +12,12 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "free_port"]
+__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "free_port", "isolated_env"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def isolated_env(
+    base: Path, *, database_url: str, redis_url: str, prefix: str, api_key: str
+) -> dict[str, str]:
+    """``INFERQ_*`` settings for a stack of its own under ``base`` (tests, benchmarks):
+    its own data and model directories, and a Redis key prefix of its own, so a shared
+    Redis (and its Celery queues) is left untouched."""
+    return {
+        "INFERQ_DATABASE_URL": database_url,
+        "INFERQ_REDIS_URL": redis_url,
+        "INFERQ_BROKER_URL": "",
+        "INFERQ_REDIS_PREFIX": f"{prefix}{uuid.uuid4().hex[:8]}",
+        "INFERQ_DATA_DIR": str(base / "data"),
+        "INFERQ_MODEL_DIR": str(base / "data" / "models"),
+        "INFERQ_BOOTSTRAP_API_KEY": api_key,
+        "INFERQ_LOG_JSON": "true",
+    }
 
 
 @dataclass

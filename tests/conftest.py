@@ -40,7 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
     _base = Path(tempfile.mkdtemp(prefix="inferq-test-"))
-    from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
 
     db_url = os.environ.get("INFERQ_TEST_DATABASE_URL")
     if not db_url:
@@ -55,17 +55,13 @@ def pytest_configure(config: pytest.Config) -> None:
         redis_url = redis.start()
         _servers.append(redis)
     os.environ.update(
+        isolated_env(
+            _base, database_url=db_url, redis_url=redis_url, prefix="iqtest", api_key=ADMIN_KEY
+        )
+    )
+    os.environ.update(
         {
-            "INFERQ_DATABASE_URL": db_url,
-            "INFERQ_REDIS_URL": redis_url,
-            "INFERQ_BROKER_URL": "",
-            # A prefix of its own keeps a shared Redis (and its Celery queues) untouched.
-            "INFERQ_REDIS_PREFIX": f"iqtest{uuid.uuid4().hex[:8]}",
-            "INFERQ_DATA_DIR": str(_base / "data"),
-            "INFERQ_MODEL_DIR": str(_base / "data" / "models"),
-            "INFERQ_BOOTSTRAP_API_KEY": ADMIN_KEY,
             "INFERQ_MODEL_POLL_S": "1",
-            "INFERQ_LOG_JSON": "true",
             "INFERQ_FLOWER_PASSWORD": "test-only",
             "INFERQ_ENV": "test",
             # Many chunks per run, so runs have progress to show and a killed worker
