@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from redis import Redis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
@@ -49,9 +50,21 @@ def redis_sync() -> Redis:
     return Redis.from_url(get_settings().redis_url, socket_connect_timeout=2, socket_timeout=5)
 
 
+#: Connections the API's event loop keeps to Redis at most. A burst of long-polls waits
+#: for a free one instead of opening hundreds at once (a storm of connects timed out
+#: under 256 simultaneous requests here, which clients saw as 503s).
+ASYNC_REDIS_CONNECTIONS = 64
+
+
 @lru_cache
 def redis_async() -> AsyncRedis:
-    return AsyncRedis.from_url(get_settings().redis_url, socket_connect_timeout=2)
+    pool = BlockingConnectionPool.from_url(
+        get_settings().redis_url,
+        max_connections=ASYNC_REDIS_CONNECTIONS,
+        timeout=10,
+        socket_connect_timeout=5,
+    )
+    return AsyncRedis(connection_pool=pool)
 
 
 @lru_cache

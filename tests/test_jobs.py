@@ -234,3 +234,27 @@ def test_demand_regressor_returns_values_without_labels(client: httpx.Client) ->
     job = wait_done(client, submit(client, model="demand", inputs=[row]).json()["id"])
     (pred,) = job["result"]["predictions"]
     assert pred["label"] is None and pred["score"] > 100
+
+
+def test_a_burst_of_long_polls_is_answered_not_refused(stack, client: httpx.Client) -> None:  # type: ignore[no-untyped-def]
+    """300 simultaneous ?wait= requests share a bounded Redis pool: no 503s, no errors."""
+    import asyncio
+
+    queued = _queued_job(client)  # never sent: every poll waits out its 2 s
+    done = submit(client, inputs=[ROW]).json()["id"]
+    wait_done(client, done)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=stack.api_url,
+            headers=dict(client.headers),
+            timeout=60,
+            limits=httpx.Limits(max_connections=300),
+        ) as c:
+            calls = [
+                c.get(f"/v1/jobs/{queued if i % 2 else done}", params={"wait": 2})
+                for i in range(300)
+            ]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    assert asyncio.run(burst()) == [200] * 300
