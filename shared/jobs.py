@@ -246,10 +246,9 @@ def cancel(session: Session, job_id: uuid.UUID, *, tenant: str) -> tuple[Job | N
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant)), False
 
 
-def heartbeat(session: Session, job_id: uuid.UUID) -> str | None:
-    """Renew a running job's lease; returns its status (``cancelled`` tells the task to stop)."""
+def heartbeat(session: Session, job_id: uuid.UUID) -> None:
+    """Renew a running job's lease, so the sweeper leaves it to the delivery running it."""
     session.execute(
         text("UPDATE jobs SET heartbeat_at = now() WHERE id = :id AND status = 'running'"),
         {"id": job_id},
     )
-    return session.scalar(select(Job.status).where(Job.id == job_id))

@@ -254,6 +254,47 @@ ROW = {
 }
 
 
+def tenant_of(client: httpx.Client) -> str:
+    """The tenant of the client's API key."""
+    from sqlalchemy import text
+
+    from shared.db import session_scope
+    from shared.keys import hash_key
+
+    key = client.headers["authorization"].split()[1]
+    with session_scope() as session:
+        return str(
+            session.execute(
+                text("SELECT tenant FROM api_keys WHERE key_hash = :h"), {"h": hash_key(key)}
+            ).scalar_one()
+        )
+
+
+def record_queued(
+    client: httpx.Client, request: dict[str, Any] | None = None, *, version: int = 1
+) -> str:
+    """A predict job recorded as the API records it, but not on the broker: the test
+    decides when (and whether) a message for it is sent."""
+    from shared.db import session_scope
+    from shared.orm import Job
+
+    job_id = uuid.uuid4()
+    with session_scope() as session:
+        session.add(
+            Job(
+                id=job_id,
+                tenant=tenant_of(client),
+                type="predict",
+                model="churn",
+                model_version=version,
+                status="queued",
+                priority="normal",
+                request=request or {"inputs": [ROW]},
+            )
+        )
+    return str(job_id)
+
+
 def submit(client: httpx.Client, **body: Any) -> httpx.Response:
     body.setdefault("model", "churn")
     return client.post("/v1/jobs", json=body)

@@ -14,7 +14,7 @@ from shared.db import session_scope
 from shared.inputs import encode_rows
 from shared.orm import Job, PredictionLog
 from shared.registry import ModelCache
-from tests.conftest import ROW, Stack, submit, wait_done
+from tests.conftest import ROW, Stack, record_queued, submit, wait_done
 from workers.app import celery_app
 
 
@@ -34,35 +34,6 @@ def _local(version: int, rows: list[dict]) -> list[float]:
     with session_scope() as session:
         model = ModelCache().get(session, "churn", version)
     return model.predict(encode_rows(rows, model.schema))[0].tolist()
-
-
-def _record(tenant: str, request: dict, version: int = 1) -> str:
-    """A queued job as the API records it (the test sends the message itself)."""
-    with session_scope() as session:
-        job = Job(
-            id=uuid.uuid4(),
-            tenant=tenant,
-            type="predict",
-            model="churn",
-            model_version=version,
-            status="queued",
-            priority="normal",
-            request=request,
-        )
-        session.add(job)
-    return str(job.id)
-
-
-def _tenant(client: httpx.Client) -> str:
-    from sqlalchemy import text
-
-    from shared.keys import hash_key
-
-    key = client.headers["authorization"].split()[1]
-    with session_scope() as session:
-        return session.execute(
-            text("SELECT tenant FROM api_keys WHERE key_hash = :h"), {"h": hash_key(key)}
-        ).scalar_one()
 
 
 def _send_as_one_batch(job_ids: list[str]) -> None:
@@ -91,9 +62,11 @@ def test_versions_are_never_mixed_in_one_batch(stack: Stack, client: httpx.Clien
 
     with session_scope() as session:
         v2 = train(session, "churn", promote="never", max_rows=2000)["version"]
-    tenant = _tenant(client)
     rows = _rows(6)
-    ids = [_record(tenant, {"inputs": [r]}, version=1 if i % 2 else v2) for i, r in enumerate(rows)]
+    ids = [
+        record_queued(client, {"inputs": [r]}, version=1 if i % 2 else v2)
+        for i, r in enumerate(rows)
+    ]
     _send_as_one_batch(ids)
     jobs = [wait_done(client, i) for i in ids]
     for i, (job, row) in enumerate(zip(jobs, rows, strict=True)):
@@ -116,9 +89,8 @@ def test_versions_are_never_mixed_in_one_batch(stack: Stack, client: httpx.Clien
 
 def test_one_bad_job_does_not_fail_its_batch(stack: Stack, client: httpx.Client) -> None:
     """A record that slipped past validation (say, written by an older API) fails alone."""
-    tenant = _tenant(client)
-    good = [_record(tenant, {"inputs": [r]}) for r in _rows(3)]
-    bad = _record(tenant, {"inputs": [{**ROW, "plan_tier": "platinum"}]})
+    good = [record_queued(client, {"inputs": [r]}) for r in _rows(3)]
+    bad = record_queued(client, {"inputs": [{**ROW, "plan_tier": "platinum"}]})
     _send_as_one_batch([good[0], bad, good[1], good[2]])
     assert wait_done(client, bad)["error"]["code"] == "prediction_failed"
     for i, job_id in enumerate(good):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from shared.callbacks import CallbackRefusedError, check_url
-from tests.conftest import ROW, Stack, start_api, submit, wait_done, wait_for
+from tests.conftest import ROW, Stack, record_queued, start_api, submit, wait_done, wait_for
 
 
 class Receiver:
@@ -87,16 +87,7 @@ def test_a_failing_receiver_is_retried(stack: Stack, client: httpx.Client) -> No
 def test_cancelled_jobs_call_back_too(
     stack: Stack, client: httpx.Client, receiver: Receiver
 ) -> None:
-    import uuid
-
-    from shared.db import session_scope
-    from shared.orm import Job
-    from tests.test_jobs import _queued_job
-
-    job_id = _queued_job(client)
-    with session_scope() as session:
-        job = session.get(Job, uuid.UUID(job_id))
-        job.request = {**job.request, "callback_url": receiver.url}
+    job_id = record_queued(client, {"inputs": [ROW], "callback_url": receiver.url})
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
     wait_for(lambda: receiver.received, 20, "the callback")
     assert receiver.received[0][1]["status"] == "cancelled"

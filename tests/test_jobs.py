@@ -13,7 +13,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.features import CUSTOMER_COLUMNS
 from shared.orm import Job, PredictionLog
-from tests.conftest import ROW, make_client, submit, wait_done
+from tests.conftest import ROW, make_client, record_queued, submit, wait_done
 
 
 def _local_scores(rows: list[dict], version: int = 1) -> list[float]:
@@ -86,7 +86,7 @@ def test_wait_answers_as_soon_as_the_job_ends(client: httpx.Client) -> None:
 
 
 def test_wait_on_a_job_that_does_not_end_returns_after_the_wait(client: httpx.Client) -> None:
-    job_id = _queued_job(client)
+    job_id = record_queued(client)
     start = time.monotonic()
     job = client.get(f"/v1/jobs/{job_id}", params={"wait": 1}).json()
     elapsed = time.monotonic() - start
@@ -114,31 +114,8 @@ def test_entity_ids_read_features_from_the_customers_table(client: httpx.Client)
     assert [p["score"] for p in preds] == _local_scores(features)
 
 
-def _queued_job(client: httpx.Client) -> str:
-    """A job recorded as the API records it, but not yet on the broker."""
-    from shared.keys import hash_key
-
-    key = client.headers["authorization"].split()[1]
-    with session_scope() as session:
-        tenant = session.execute(
-            text("SELECT tenant FROM api_keys WHERE key_hash = :h"), {"h": hash_key(key)}
-        ).scalar_one()
-        job = Job(
-            id=uuid.uuid4(),
-            tenant=tenant,
-            type="predict",
-            model="churn",
-            model_version=1,
-            status="queued",
-            priority="normal",
-            request={"inputs": [ROW]},
-        )
-        session.add(job)
-    return str(job.id)
-
-
 def test_cancel_a_queued_job_and_the_worker_leaves_it_cancelled(client: httpx.Client) -> None:
-    job_id = _queued_job(client)
+    job_id = record_queued(client)
     r = client.delete(f"/v1/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 409
@@ -240,7 +217,7 @@ def test_a_burst_of_long_polls_is_answered_not_refused(stack, client: httpx.Clie
     """300 simultaneous ?wait= requests share a bounded Redis pool: no 503s, no errors."""
     import asyncio
 
-    queued = _queued_job(client)  # never sent: every poll waits out its 2 s
+    queued = record_queued(client)  # never sent: every poll waits out its 2 s
     done = submit(client, inputs=[ROW]).json()["id"]
     wait_done(client, done)
 

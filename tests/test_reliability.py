@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from shared.db import session_scope
 from shared.orm import Job
-from tests.conftest import ROW, Stack, start_process, submit, wait_done, wait_for
+from tests.conftest import ROW, Stack, record_queued, start_process, submit, wait_done, wait_for
 
 
 def _job(job_id: str) -> Job:
@@ -60,9 +60,8 @@ def test_worker_killed_mid_job_the_job_still_succeeds(stack: Stack, admin: httpx
 
 def test_attempts_are_capped(stack: Stack, client: httpx.Client) -> None:
     """A job whose deliveries keep dying fails for good with a clear error."""
-    from tests.test_jobs import _queued_job
 
-    job_id = _queued_job(client)
+    job_id = record_queued(client)
     _abandon(job_id, attempts=3)  # as if three workers had died holding it
     from workers.tasks.maintenance import sweep_once
 
@@ -78,9 +77,8 @@ def test_beat_resends_a_job_that_never_reached_the_broker(
 ) -> None:
     """Crash between commit and publish: the row exists, no message does. Beat's sweeper
     (a real beat process) sends it, and the worker runs it."""
-    from tests.test_jobs import _queued_job
 
-    job_id = _queued_job(client)
+    job_id = record_queued(client)
     with session_scope() as session:
         session.execute(
             update(Job)
@@ -99,10 +97,9 @@ def test_beat_resends_a_job_that_never_reached_the_broker(
 def test_a_running_job_whose_lease_expired_is_run_again(stack: Stack, client: httpx.Client) -> None:
     """The whole worker (not just a child) died: its message waits for the visibility
     timeout, but the sweeper sees the stale heartbeat and re-sends the job at once."""
-    from tests.test_jobs import _queued_job
     from workers.tasks.maintenance import sweep_once
 
-    job_id = _queued_job(client)
+    job_id = record_queued(client)
     _abandon(job_id, attempts=1)
     assert sweep_once() >= 1
     job = wait_done(client, job_id)
@@ -113,10 +110,9 @@ def test_a_running_job_whose_lease_expired_is_run_again(stack: Stack, client: ht
 def test_a_duplicate_message_for_a_running_job_does_nothing(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from tests.test_jobs import _queued_job
     from workers.dispatch import enqueue
 
-    job_id = _queued_job(client)
+    job_id = record_queued(client)
     alive = datetime.now(UTC)
     with session_scope() as session:  # another delivery holds it and is alive
         session.execute(

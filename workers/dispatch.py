@@ -63,13 +63,10 @@ def enqueue(jobs: Iterable[tuple[uuid.UUID, str, str]]) -> int:
         sent += 1
     name, queue = TASK_FOR_TYPE["predict"]
     for priority, ids in predict.items():
-        # At least two messages when there are two jobs, so two idle worker processes
-        # share a batch instead of one taking it all.
-        size = min(PREDICT_BATCH, max(1, -(-len(ids) // 2)))
-        for i in range(0, len(ids), size):
+        for i in range(0, len(ids), PREDICT_BATCH):
             celery_app.send_task(
                 name,
-                args=[ids[i : i + size]],
+                args=[ids[i : i + PREDICT_BATCH]],
                 queue=queue,
                 priority=PRIORITIES.get(priority, 5),
             )
