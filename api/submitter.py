@@ -1,11 +1,20 @@
-"""Group commit: jobs submitted together share one INSERT, one commit and one broker message.
+"""Group commit: jobs submitted together share one INSERT, one commit and one Redis round trip.
 
-Requests hand their job rows to one writer thread per API process. The writer takes
-whatever has arrived, never waiting for more, inserts it in one statement, commits, then
-puts the jobs on the broker, a few messages per batch; only then are the requests
-answered 202. Under load many requests ride each commit; alone, a request pays one
-commit and one publish, as it would without the writer. If the commit fails nothing was
-accepted (503); if the publish fails the batch is withdrawn (deleted) before the 503.
+Requests hand their job rows to the committer and wait. Whatever has arrived by the end of
+the current event-loop turn becomes a batch, never waiting for more: idle, a request is a
+batch of one. A batch is recorded in one autocommitted multi-row ``INSERT`` (one round
+trip, durable before it answers), then announced in one Redis pipeline: the hot copies of
+the new jobs and, for predict jobs, their pending ids and the doorbell (see
+``workers.dispatch``). Only if the doorbell was down, or for job types that are not
+micro-batched, does a Celery message go out. Only then are the requests answered 202.
+
+Up to ``CONNECTIONS`` batches are in flight at once, each on its own connection: while
+one waits for its commit, the next is already being sent.
+
+If the insert fails nothing was accepted (503). If Redis or the broker fails the batch is
+withdrawn (deleted) before the 503; a job that cannot be withdrawn (a worker took it
+meanwhile, or Postgres went too) is still recorded, so it is answered 202 and the sweeper
+sends it: a 503 never hides an accepted job.
 """
 
 from __future__ import annotations
@@ -14,21 +23,20 @@ import asyncio
 import contextlib
 import json
 import logging
-import queue
-import threading
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg2
-from psycopg2.extras import execute_values
 
-from api.deps import redis_sync
+from api.deps import redis_async
+from api.pgasync import AsyncConnection
+from api.waiter import waiter
 from shared.config import get_settings
-from shared.db import get_engine
-from workers.dispatch import enqueue, ring_predict
+from shared.db import libpq_dsn
+from workers.dispatch import BELL_TTL_MS, bell_key, enqueue, push_pending
 
 __all__ = [
     "NewJob",
@@ -43,6 +51,10 @@ log = logging.getLogger(__name__)
 
 #: Jobs per commit at most; a bigger backlog simply takes several commits.
 MAX_BATCH = 1000
+#: Batches in flight at once (each with its own connection).
+CONNECTIONS = 2
+#: Seconds a connect or an insert may take before the batch is answered 503.
+DB_TIMEOUT_S = 5.0
 
 
 class DatabaseUnavailableError(RuntimeError):
@@ -74,151 +86,183 @@ class NewJob:
 
 # A job whose Idempotency-Key another request recorded first is skipped, not the batch.
 _INSERT = (
-    "INSERT INTO jobs (id, tenant, type, model, model_version, status, priority, request, "
-    "metadata, idempotency_key, request_hash, attempts, created_at) VALUES %s "
-    "ON CONFLICT DO NOTHING RETURNING id"
+    b"INSERT INTO jobs (id, tenant, type, model, model_version, status, priority, request, "
+    b"metadata, idempotency_key, request_hash, attempts, created_at) VALUES %s "
+    b"ON CONFLICT DO NOTHING RETURNING id"
 )
-_TEMPLATE = "(%s::uuid, %s, %s, %s, %s, 'queued', %s, %s::jsonb, %s::jsonb, %s, %s, 0, %s)"
+_ROW = "(%s::uuid, %s, %s, %s, %s, 'queued', %s, %s::jsonb, %s::jsonb, %s, %s, 0, %s)"
+_WITHDRAW = "DELETE FROM jobs WHERE id = ANY(%s::uuid[]) AND status = 'queued' RETURNING id"
+
+_Waiting = tuple[NewJob, "asyncio.Future[None]"]
 
 
 class GroupCommitter:
+    """One per API process, used from its event loop."""
+
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[NewJob, Future[None]]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._conn: Any = None
-        self._lock = threading.Lock()
+        self._pending: list[_Waiting] = []
+        self._idle: list[AsyncConnection] = []
+        self._busy = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Celery's producer is synchronous: it publishes from one thread of its own.
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="inferq-publish")
 
     async def submit(self, job: NewJob) -> None:
-        """Resolves once the job is committed and on the broker; raises the 503 errors."""
-        self._ensure_thread()
-        done: Future[None] = Future()
-        self._queue.put((job, done))
-        await asyncio.wrap_future(done)
+        """Resolves once the job is committed and announced; raises the 503 errors."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, done))
+        self._schedule()
+        await done
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=self._run, name="inferq-group-commit", daemon=True
-                    )
-                    self._thread.start()
+    def _schedule(self) -> None:
+        # At the end of this loop turn, so requests parsed in the same turn share a batch.
+        if not self._scheduled and self._pending and self._busy < CONNECTIONS:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
 
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                recorded = self._commit([job for job, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    done.set_exception(exc)
-                continue
-            for job, done in batch:
-                if job.id in recorded:
-                    done.set_result(None)
-                else:
-                    done.set_exception(IdempotencyKeyTakenError(job.idempotency_key))
+    def _start(self) -> None:
+        self._scheduled = False
+        while self._pending and self._busy < CONNECTIONS:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._busy += 1
+            task = asyncio.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _connection(self) -> Any:
-        """The writer's own pooled connection, kept between batches."""
-        if self._conn is None:
-            self._conn = get_engine().raw_connection()
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.invalidate()
-        self._conn = None
-
-    def _commit(self, jobs: list[NewJob]) -> set[uuid.UUID]:
-        """Insert and publish; returns the ids recorded (all but idempotency losers)."""
-        rows = [
-            (
-                str(j.id),
-                j.tenant,
-                j.type,
-                j.model,
-                j.model_version,
-                j.priority,
-                json.dumps(j.request),
-                json.dumps(j.metadata) if j.metadata is not None else None,
-                j.idempotency_key,
-                j.request_hash,
-                j.created_at,
-            )
-            for j in jobs
-        ]
+    async def _run(self, batch: list[_Waiting]) -> None:
         try:
-            conn = self._connection()
-            with conn.cursor() as cur:
-                returned = execute_values(
-                    cur, _INSERT, rows, template=_TEMPLATE, page_size=MAX_BATCH, fetch=True
-                )
-            conn.commit()
-        except psycopg2.Error as exc:
-            self._drop_connection()
-            log.error("could not record %d jobs: %s", len(jobs), exc)
-            raise DatabaseUnavailableError(str(exc)) from exc
+            outcomes = await self._record([job for job, _ in batch])
+        except Exception as exc:
+            outcomes = {job.id: exc for job, _ in batch}
+        finally:
+            self._busy -= 1
+            self._schedule()
+        for job, done in batch:
+            if done.done():  # the request went away; the job stays recorded
+                continue
+            error = outcomes.get(job.id)
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    async def _connection(self) -> AsyncConnection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+        try:
+            return await AsyncConnection.connect(
+                libpq_dsn(), timeout=DB_TIMEOUT_S, connect_timeout=3, application_name="inferq-api"
+            )
+        except (psycopg2.Error, OSError, TimeoutError) as exc:
+            raise DatabaseUnavailableError(f"cannot connect: {exc}") from exc
+
+    async def _record(self, jobs: list[NewJob]) -> dict[uuid.UUID, Exception]:
+        """Insert and announce; returns the jobs that were not accepted, with why."""
+        conn = await self._connection()
+        try:
+            rows = b",".join(conn.mogrify(_ROW, _params(j)) for j in jobs)
+            returned = await conn.fetchall(_INSERT.replace(b"%s", rows, 1))
+        except (psycopg2.Error, OSError, TimeoutError) as exc:
+            log.error("could not record %d jobs: %r", len(jobs), exc)
+            raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
         recorded = {uuid.UUID(str(r[0])) for r in returned}
         accepted = [j for j in jobs if j.id in recorded]
+        outcomes: dict[uuid.UUID, Exception] = {
+            j.id: IdempotencyKeyTakenError(j.idempotency_key) for j in jobs if j.id not in recorded
+        }
         try:
-            predict = [(j.id, j.type, j.priority) for j in accepted if j.type == "predict"]
-            ring_predict(redis_sync(), predict)
-            enqueue([(j.id, j.type, j.priority) for j in accepted if j.type != "predict"])
+            await self._announce(accepted)
         except Exception as exc:
-            log.error("broker unavailable, withdrawing %d jobs: %s", len(accepted), exc)
-            self._withdraw(accepted)
-            raise BrokerUnavailableError(str(exc)) from exc
-        self._mirror_queued(accepted)
-        return recorded
+            log.error("broker unavailable, withdrawing %d jobs: %r", len(accepted), exc)
+            kept = await self._withdraw(conn, accepted)
+            error = BrokerUnavailableError(str(exc) or type(exc).__name__)
+            outcomes.update({j.id: error for j in accepted if j.id not in kept})
+            accepted = [j for j in accepted if j.id in kept]
+        if not conn.closed:
+            self._idle.append(conn)
+        for j in accepted:
+            waiter.accepted(str(j.id), j.tenant)
+        return outcomes
 
-    def _mirror_queued(self, jobs: list[NewJob]) -> None:
-        """Hot copies of the new jobs, so long-polls on them need no Postgres read. SET NX:
-        a worker that already wrote the terminal copy is never overwritten."""
+    async def _announce(self, jobs: list[NewJob]) -> None:
+        """Hot copies (SET NX: a worker that already wrote the terminal copy wins) and the
+        doorbell in one pipeline; a Celery message only where one is needed."""
+        if not jobs:
+            return
+        settings = get_settings()
+        predict = [j for j in jobs if j.type == "predict"]
+        pipe = redis_async().pipeline(transaction=False)
+        for j in jobs:
+            pipe.set(settings.key("job", j.id), _hot_copy(j), ex=settings.result_ttl_s, nx=True)
+        if predict:
+            # Pending ids first, doorbell after: the order the protocol needs.
+            push_pending(pipe, [(j.id, j.priority) for j in predict])
+            pipe.set(bell_key(), "1", nx=True, px=BELL_TTL_MS)
+        replies = await pipe.execute()
+        rang = bool(predict) and bool(replies[-1])
+        send = [(j.id, j.type, j.priority) for j in jobs if j.type != "predict"]
+        if rang:
+            send += [(j.id, j.type, j.priority) for j in predict]
+        if not send:
+            return
         try:
-            redis = redis_sync()
-            ttl = get_settings().result_ttl_s
-            pipe = redis.pipeline(transaction=False)
-            for j in jobs:
-                view = {
-                    "id": str(j.id),
-                    "type": j.type,
-                    "status": "queued",
-                    "model": j.model,
-                    "model_version": j.model_version,
-                    "progress": None,
-                    "result": None,
-                    "error": None,
-                    "metadata": j.metadata,
-                    "attempts": 0,
-                    "created_at": j.created_at.isoformat(),
-                    "started_at": None,
-                    "finished_at": None,
-                }
-                doc = json.dumps({"tenant": j.tenant, "view": view})
-                pipe.set(get_settings().key("job", j.id), doc, ex=ttl, nx=True)
-            pipe.execute()
-        except Exception:  # only an optimisation: reads fall back to Postgres
-            log.warning("could not write hot copies of new jobs", exc_info=True)
+            await asyncio.get_running_loop().run_in_executor(self._publisher, enqueue, send)
+        except Exception:
+            if rang:  # nobody will take the doorbell down: do it here
+                with contextlib.suppress(Exception):
+                    await redis_async().delete(bell_key())
+            raise
 
-    def _withdraw(self, jobs: list[NewJob]) -> None:
+    async def _withdraw(self, conn: AsyncConnection, jobs: list[NewJob]) -> set[uuid.UUID]:
+        """Delete jobs no worker has taken; returns the ids that stay (taken meanwhile)."""
+        ids = [str(j.id) for j in jobs]
         try:
-            conn = self._connection()
-            with conn.cursor() as cur:
-                cur.execute(
-                    "DELETE FROM jobs WHERE id = ANY(%s::uuid[]) AND status = 'queued'",
-                    ([str(j.id) for j in jobs],),
-                )
-            conn.commit()
-        except psycopg2.Error:
-            self._drop_connection()
-            log.exception("could not withdraw jobs; the sweeper will send them")
+            if conn.closed:
+                conn = await self._connection()
+            deleted = {uuid.UUID(str(r[0])) for r in await conn.fetchall(_WITHDRAW, (ids,))}
+        except Exception:
+            # Still recorded, so still accepted: the sweeper sends them once the broker is back.
+            log.exception("could not withdraw %d jobs; the sweeper will send them", len(ids))
+            return {j.id for j in jobs}
+        return {j.id for j in jobs if j.id not in deleted}
+
+
+def _params(j: NewJob) -> tuple[Any, ...]:
+    return (
+        str(j.id),
+        j.tenant,
+        j.type,
+        j.model,
+        j.model_version,
+        j.priority,
+        json.dumps(j.request),
+        json.dumps(j.metadata) if j.metadata is not None else None,
+        j.idempotency_key,
+        j.request_hash,
+        j.created_at,
+    )
+
+
+def _hot_copy(j: NewJob) -> str:
+    view = {
+        "id": str(j.id),
+        "type": j.type,
+        "status": "queued",
+        "model": j.model,
+        "model_version": j.model_version,
+        "progress": None,
+        "result": None,
+        "error": None,
+        "metadata": j.metadata,
+        "attempts": 0,
+        "created_at": j.created_at.isoformat(),
+        "started_at": None,
+        "finished_at": None,
+    }
+    return json.dumps({"tenant": j.tenant, "view": view})
 
 
 submitter = GroupCommitter()

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
 
     model_dir: Path | None = Field(None, description="Model artifacts; default data_dir/models.")
 
+    db_prepare: bool = Field(
+        True,
+        description="Prepare hot statements once per connection; false behind a "
+        "transaction-pooling PgBouncer.",
+    )
+
     # API
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -65,6 +71,12 @@ class Settings(BaseSettings):
         512, description="Queued predict jobs one delivery takes into its batch, at most."
     )
     batch_max_rows: int = Field(20_000, description="Rows per model call, at most.")
+    predict_idle_s: float = Field(
+        0.1, description="A draining predict worker waits this long for more jobs, then stops."
+    )
+    predict_drain_s: float = Field(
+        1.0, description="A predict task drains this long at most, then hands over."
+    )
     onnx: bool = Field(True, description="Run pipelines on onnxruntime where they convert exactly.")
     prediction_cache_ttl_s: int = Field(
         3600, description="Content-addressed prediction cache in Redis; 0 turns it off."

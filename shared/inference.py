@@ -16,19 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from psycopg2.extras import execute_values
 from redis import Redis
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from shared.config import get_settings
+from shared.db import session_scope
 from shared.features import load_features
 from shared.inputs import encode_rows
+from shared.jobs import JobRow
 from shared.metrics import count
-from shared.orm import Job
+from shared.prepared import Statement
 from shared.registry import IntegrityError, LoadedModel, ModelCache
 
-__all__ = ["Outcome", "run_predict_jobs", "write_prediction_logs"]
+__all__ = ["Outcome", "run_predict_jobs", "prediction_logs", "PREDICTION_LOGS"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class Outcome:
     logs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _rows_for(jobs: list[Job], engine: Engine, redis: Redis, out: Outcome) -> dict[uuid.UUID, list]:
+def _rows_for(
+    jobs: list[JobRow], engine: Engine, redis: Redis, out: Outcome
+) -> dict[uuid.UUID, list]:
     """Each job's input rows; entity jobs read the feature table through the cache."""
     wanted = sorted({e for j in jobs for e in j.request.get("entity_ids") or []})
     features = load_features(engine, redis, wanted) if wanted else {}
@@ -105,7 +107,7 @@ def _predict(
 
 
 def _record(
-    out: Outcome, job: Job, model: LoadedModel, rows: list, scores: Any, labels: Any
+    out: Outcome, job: JobRow, model: LoadedModel, rows: list, scores: Any, labels: Any
 ) -> None:
     entity_ids = job.request.get("entity_ids")
     preds = []
@@ -129,18 +131,27 @@ def _record(
     out.results[job.id] = {"predictions": preds}
 
 
+def _model(models: ModelCache, name: str, version: int) -> LoadedModel:
+    """The loaded version; only a version this process has not loaded yet reads the registry."""
+    model = models.cached(name, version)
+    if model is None:
+        with session_scope() as session:
+            model = models.get(session, name, version)
+    return model
+
+
 def run_predict_jobs(
-    session: Session, engine: Engine, redis: Redis, models: ModelCache, jobs: list[Job]
+    engine: Engine, redis: Redis, models: ModelCache, jobs: list[JobRow]
 ) -> Outcome:
     out = Outcome()
     rows = _rows_for(jobs, engine, redis, out)
-    groups: dict[tuple[str, int], list[Job]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[JobRow]] = defaultdict(list)
     for job in jobs:
         if job.id in rows:
             groups[(job.model, job.model_version or 0)].append(job)
     for (name, version), group in groups.items():
         try:
-            model = models.get(session, name, version)
+            model = _model(models, name, version)
         except (LookupError, IntegrityError, OSError) as exc:
             log.error("model %s v%s unavailable: %s", name, version, exc)
             for job in group:
@@ -148,7 +159,7 @@ def run_predict_jobs(
             continue
         # Capped by rows: a backlog of big jobs becomes several calls, not one huge one.
         cap = get_settings().batch_max_rows
-        part: list[Job] = []
+        part: list[JobRow] = []
         size = 0
         for job in group:
             if part and size + len(rows[job.id]) > cap:
@@ -161,7 +172,7 @@ def run_predict_jobs(
 
 
 def _predict_group(
-    out: Outcome, model: LoadedModel, group: list[Job], rows: dict, redis: Redis
+    out: Outcome, model: LoadedModel, group: list[JobRow], rows: dict, redis: Redis
 ) -> None:
     batch = [r for job in group for r in rows[job.id]]
     try:
@@ -191,27 +202,27 @@ def _predict_group(
         start = end
 
 
-def write_prediction_logs(session: Session, logs: list[dict[str, Any]]) -> None:
-    """One multi-row insert; (job_id, row) already logged by an earlier delivery is skipped."""
+PREDICTION_LOGS = Statement(
+    "inferq_prediction_logs",
+    ("uuid[]", "int[]", "text[]", "int[]", "jsonb[]", "float8[]", "boolean[]"),
+    """INSERT INTO prediction_logs (job_id, row, model, version, inputs, score, label)
+    SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT (job_id, row) DO NOTHING""",
+    prepare=True,
+)
+
+
+def prediction_logs(logs: list[dict[str, Any]]) -> tuple[Statement, tuple[list[Any], ...]] | None:
+    """The insert of a batch's logs, to be sent with the statement that ends its jobs
+    (``shared.jobs.settle_batch``); a (job_id, row) an earlier delivery logged is skipped.
+    None when there is nothing to log."""
     if not logs:
-        return
-    cur = session.connection().connection.cursor()
-    execute_values(
-        cur,
-        "INSERT INTO prediction_logs (job_id, row, model, version, inputs, score, label) "
-        "VALUES %s ON CONFLICT (job_id, row) DO NOTHING",
-        [
-            (
-                str(r["job_id"]),
-                r["row"],
-                r["model"],
-                r["version"],
-                json.dumps(r["inputs"]),
-                r["score"],
-                r["label"],
-            )
-            for r in logs
-        ],
-        template="(%s::uuid, %s, %s, %s, %s::jsonb, %s, %s)",
-        page_size=1000,
+        return None
+    keys = ("row", "model", "version")
+    columns = ([str(r["job_id"]) for r in logs], *([r[k] for r in logs] for k in keys))
+    return PREDICTION_LOGS, (
+        *columns,
+        [json.dumps(r["inputs"]) for r in logs],
+        [r["score"] for r in logs],
+        [r["label"] for r in logs],
     )

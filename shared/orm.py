@@ -83,13 +83,10 @@ class Job(Base):
             unique=True,
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
-        # The sweeper's scan: only unfinished jobs, which are few.
-        Index(
-            "ix_jobs_unfinished",
-            "status",
-            "created_at",
-            postgresql_where=text("status IN ('queued', 'running')"),
-        ),
+        # The sweeper's scan: only unfinished jobs, which are few. Keyed on finished_at, not
+        # status, so compare-and-sets by id are never planned through it (it is full of
+        # dead entries between vacuums; see migration 0002).
+        Index("ix_jobs_unfinished", "created_at", postgresql_where=text("finished_at IS NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)

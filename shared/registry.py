@@ -175,6 +175,10 @@ class ModelCache:
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._lock = threading.Lock()
 
+    def cached(self, name: str, version: int) -> LoadedModel | None:
+        """The version if this process has loaded it already, else None (no database)."""
+        return self._models.get((name, version))
+
     def get(self, session: Session, name: str, version: int) -> LoadedModel:
         key = (name, version)
         model = self._models.get(key)

@@ -171,18 +171,23 @@ async def get_job(
 async def read_job(job_id: str, principal: Principal, wait: float) -> JSONResponse:
     """The work of ``GET /v1/jobs/{id}`` (also served by ``api.fastpath``)."""
     jid = _parse_id(job_id)
+    key = str(jid)
     tenant = principal.tenant
-    with waiter.watch(str(jid)) as ended:
-        doc = await _read_hot(jid)
-        if doc is not None and doc["tenant"] != tenant:
+    with waiter.watch(key) as ended:
+        # Watching before looking: an end that lands from here on still wakes us.
+        owner, seen = waiter.recall(key)
+        doc = json.loads(seen) if seen is not None else None
+        if doc is None and not (owner is not None and wait > 0):
+            doc = await _read_hot(jid)
+        if doc is not None and doc["tenant"] != tenant or owner not in (None, tenant):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
         view = doc["view"] if doc is not None else None
         if view is None or view["status"] not in TERMINAL:
-            if view is None or wait == 0:
+            if wait == 0 or (view is None and owner is None):
                 view = await run_in_threadpool(_read_ledger, jid, tenant)
                 if view is None:
                     raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
-            if wait > 0 and view["status"] not in TERMINAL:
+            if wait > 0 and (view is None or view["status"] not in TERMINAL):
                 woke = await ended(wait)
                 if isinstance(woke, bytes):
                     doc = json.loads(woke)
@@ -192,6 +197,8 @@ async def read_job(job_id: str, principal: Principal, wait: float) -> JSONRespon
                     view = doc["view"]
                 else:
                     view = await run_in_threadpool(_read_ledger, jid, tenant) or view
+    if view is None:  # accepted here, yet gone from the ledger (withdrawn)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
     return JSONResponse({**view, "links": _links(jid)})
 
 

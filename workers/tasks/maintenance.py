@@ -37,6 +37,7 @@ def sweep_once() -> int:
         rows = session.execute(
             select(Job.id, Job.type, Job.priority)
             .where(
+                Job.finished_at.is_(None),  # the condition of ix_jobs_unfinished
                 or_(
                     and_(
                         Job.status == JobStatus.QUEUED,
@@ -44,7 +45,7 @@ def sweep_once() -> int:
                         Job.created_at < queued_cutoff,
                     ),
                     and_(Job.status == JobStatus.RUNNING, Job.heartbeat_at < lease_cutoff),
-                )
+                ),
             )
             .order_by(Job.created_at)
             .limit(SWEEP_LIMIT)
@@ -52,8 +53,10 @@ def sweep_once() -> int:
         ).all()
         if not rows:
             return 0
-        enqueue([(r.id, r.type, r.priority) for r in rows])
         session.execute(update(Job).where(Job.id.in_([r.id for r in rows])).values(enqueued_at=now))
+    # Sent only after the commit: a worker claiming while this transaction still held the
+    # rows would skip them (SKIP LOCKED), and they would wait for the next requeue.
+    enqueue([(r.id, r.type, r.priority) for r in rows])
     log.warning("sweeper re-sent %d stuck jobs", len(rows))
     return len(rows)
 

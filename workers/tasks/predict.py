@@ -1,25 +1,36 @@
-"""``predict.run``: online predictions for one or more queued jobs."""
+"""``predict.run``: online predictions, micro-batched, for as long as jobs keep coming."""
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
+from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 from shared import jobs as jobstore
 from shared.config import get_settings
-from shared.db import get_engine, session_scope
-from shared.inference import run_predict_jobs, write_prediction_logs
-from shared.jobs import JobStatus
+from shared.db import autocommit, get_engine
+from shared.inference import prediction_logs, run_predict_jobs
+from shared.jobs import JobRow, JobStatus
 from shared.logs import job_context
 from workers.app import celery_app
-from workers.dispatch import ring_predict
+from workers.dispatch import (
+    call_for_help,
+    hand_over,
+    pop_pending,
+    restore_pending,
+    wait_pending,
+)
 from workers.runtime import models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
+
+_TIMEOUT: dict[str, str] = {"code": "timeout", "message": "the job exceeded its time limit"}
 
 
 @celery_app.task(
@@ -31,54 +42,97 @@ log = logging.getLogger(__name__)
     max_retries=5,
 )
 def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
-    """Claim the message's jobs and every other queued predict job (up to
-    INFERQ_BATCH_MAX_JOBS), predict them together, record results and logs at once."""
-    ids = [uuid.UUID(i) for i in job_ids]
-    redis = redis_client()
+    """Predict the message's jobs and every pending predict job, a batch at a time, until
+    none is pending (see ``workers.dispatch`` for the protocol); returns the jobs ended.
+
+    Each batch costs four round trips whatever its size: the pop, the claim, the results
+    with their prediction logs (one transaction), the hot copies.
+    """
     s = get_settings()
-    # Before claiming: a job committed from now on rings again (see ring_predict).
-    redis.delete(s.key("bell", "predict"))
-    with session_scope() as session:
-        claimed = jobstore.claim(
-            session, ids, worker=worker_name(), task_id=self.request.id, drain=s.batch_max_jobs
+    redis = redis_client()
+    cap = s.batch_max_jobs
+    # A message back from a dead worker (or a retry) retakes what its first run held.
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    redelivered = redelivered or self.request.retries > 0
+    ids = [uuid.UUID(i) for i in job_ids]
+    deadline = time.monotonic() + s.predict_drain_s
+    ended = batches = 0
+    with autocommit() as conn:
+        while True:
+            popped = pop_pending(redis, cap)
+            if not ids and not popped and not redelivered:
+                arrived = wait_pending(redis, s.predict_idle_s)
+                if arrived is not None:
+                    ids = [arrived]
+                    popped = pop_pending(redis, cap - 1)
+                else:
+                    popped = pop_pending(redis, cap, last=True)  # doorbell down: last look
+                    if not popped:
+                        break
+            if len(popped) >= cap:
+                call_for_help(redis)
+            ended += _run_batch(self.request.id, conn, redis, ids, popped, redelivered)
+            ids, redelivered, batches = [], False, batches + 1
+            if time.monotonic() >= deadline:
+                hand_over()
+                break
+    if batches > 1:
+        log.info("drained %d predict jobs in %d batches", ended, batches)
+    return ended
+
+
+def _run_batch(
+    task_id: str,
+    conn: Connection,
+    redis: Redis,
+    ids: list[uuid.UUID],
+    popped: list[uuid.UUID],
+    redelivered: bool,
+) -> int:
+    """Claim, predict and record one batch; returns the jobs it ended."""
+    try:
+        claimed = jobstore.claim_batch(
+            conn,
+            list(dict.fromkeys([*ids, *popped])),
+            worker=worker_name(),
+            task_id=task_id,
+            redelivered=redelivered,
         )
-    jobstore.mirror(redis, [j for j in claimed if j.status in jobstore.TERMINAL])
+    except Exception:
+        restore_pending(redis, popped)  # next in line again, not left to the sweeper
+        raise
+    ended = [j for j in claimed if j.status in jobstore.TERMINAL]  # too many attempts
     runnable = [j for j in claimed if j.status == JobStatus.RUNNING]
-    if len(claimed) >= s.batch_max_jobs + len(ids):
-        # A full batch: more may be waiting; let another delivery (or process) go on.
-        ring_predict(redis, [], even_empty=True)
-    if not runnable:
-        return 0
-    with job_context(",".join(str(j.id) for j in runnable[:20])):
+    rows = sum(len(j.request.get("inputs") or j.request.get("entity_ids") or ()) for j in runnable)
+    if rows > get_settings().batch_max_rows:
+        call_for_help(redis)  # several model calls' worth: share them with another process
+    if runnable:
+        ended += _predict(conn, redis, runnable)
+    jobstore.mirror(redis, ended)
+    return len(ended)
+
+
+def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> list[JobRow]:
+    with job_context(",".join(str(j.id) for j in jobs[:20])):
         try:
-            with session_scope() as session:
-                out = run_predict_jobs(session, get_engine(), redis, models, runnable)
-                write_prediction_logs(session, out.logs)
-                progress = {
-                    jid: {"done": len(r["predictions"]), "total": len(r["predictions"])}
-                    for jid, r in out.results.items()
-                }
-                ended = jobstore.finish(session, out.results, progress=progress)
-                for jid, (code, message) in out.errors.items():
-                    job = jobstore.fail(session, jid, code=code, message=message)
-                    if job is not None:
-                        ended.append(job)
+            out = run_predict_jobs(get_engine(), redis, models, jobs)
         except SoftTimeLimitExceeded:
             log.error("predict batch hit its soft time limit")
-            with session_scope() as session:
-                ended = [
-                    j
-                    for j in (
-                        jobstore.fail(
-                            session,
-                            job.id,
-                            code="timeout",
-                            message="the job exceeded its time limit",
-                        )
-                        for job in runnable
-                    )
-                    if j is not None
-                ]
-        jobstore.mirror(redis, ended)
-        log.info("predicted a batch of %d jobs", len(runnable))
-    return len(ended)
+            timeout: dict[uuid.UUID, jobstore.End] = {
+                j.id: ("failed", None, _TIMEOUT) for j in jobs
+            }
+            return jobstore.settle_batch(conn, jobs, timeout)
+        ends: dict[uuid.UUID, jobstore.End] = {
+            jid: ("succeeded", result, None) for jid, result in out.results.items()
+        }
+        for jid, (code, message) in out.errors.items():
+            ends[jid] = ("failed", None, {"code": code, "message": message})
+        progress = {
+            jid: {"done": len(r["predictions"]), "total": len(r["predictions"])}
+            for jid, r in out.results.items()
+        }
+        settled = jobstore.settle_batch(
+            conn, jobs, ends, progress=progress, before=prediction_logs(out.logs)
+        )
+        log.debug("predicted a batch of %d jobs", len(jobs))
+        return settled
