@@ -131,6 +131,16 @@ class Settings(BaseSettings):
                 "time limits must satisfy soft < hard < INFERQ_VISIBILITY_TIMEOUT_S "
                 "or a redelivered task could run while the first is still alive"
             )
+        if not (0 < self.predict_idle_s <= 1.0 and self.predict_idle_s <= self.predict_drain_s):
+            # The doorbell lives 2 s unless a pop renews it; a longer wait would let it lapse.
+            raise ValueError(
+                "INFERQ_PREDICT_IDLE_S must be above 0, at most 1 s and at most "
+                "INFERQ_PREDICT_DRAIN_S"
+            )
+        if not self.predict_drain_s < self.predict_soft_time_limit_s:
+            raise ValueError(
+                "INFERQ_PREDICT_DRAIN_S must be below INFERQ_PREDICT_SOFT_TIME_LIMIT_S"
+            )
         if self.env == "production" and self.flower_password in ("", "changeme", "admin"):
             # Placeholder credentials are refused outside development.
             raise ValueError("INFERQ_FLOWER_PASSWORD must be set to a real secret in production")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_ABS_DIFF", "validation_sample", "sklearn_predictor", "onnx_predictor"]
+__all__ = ["MAX_ABS_DIFF", "validation_sample", "sklearn_predictor", "onnx_predictor", "agrees"]
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,27 @@ def onnx_predictor(
             return scores, scores >= cut
         return np.asarray(out[0], dtype=np.float64).ravel(), None
 
-    reference = sklearn_predictor(kind, estimator, threshold)(sample)[0]
-    got = predict(sample)[0]
-    diff = float(np.max(np.abs(reference - got)))
-    if not diff < MAX_ABS_DIFF:
-        log.warning("ONNX output differs from scikit-learn by %.3g; keeping scikit-learn", diff)
-        return None
-    return predict
+    return (
+        predict if agrees(sklearn_predictor(kind, estimator, threshold), predict, sample) else None
+    )
+
+
+def agrees(reference: Predictor, candidate: Predictor, sample: np.ndarray) -> bool:
+    """Whether ``candidate`` gives ``reference``'s scores (within ``MAX_ABS_DIFF``) and the
+    same labels on ``sample``."""
+    want, want_labels = reference(sample)
+    got, got_labels = candidate(sample)
+    diff = float(np.max(np.abs(want - got)))
+    if want_labels is None or got_labels is None:
+        same_labels = want_labels is None and got_labels is None
+    else:
+        same_labels = bool(np.array_equal(want_labels, got_labels))
+    if not (diff < MAX_ABS_DIFF and same_labels):
+        log.warning(
+            "ONNX output differs from scikit-learn (max abs diff %.3g, labels %s); "
+            "keeping scikit-learn",
+            diff,
+            "equal" if same_labels else "differ",
+        )
+        return False
+    return True

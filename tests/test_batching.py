@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import httpx
+import pytest
 from redis import Redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from shared.config import get_settings
 from shared.db import session_scope
@@ -31,9 +34,19 @@ def _rows(n: int) -> list[dict]:
 
 
 def _local(version: int, rows: list[dict]) -> list[float]:
+    """Each row's score predicted on its own, by the same artifact and runtime."""
     with session_scope() as session:
         model = ModelCache().get(session, "churn", version)
-    return model.predict(encode_rows(rows, model.schema))[0].tolist()
+    return [float(model.predict(encode_rows([r], model.schema))[0][0]) for r in rows]
+
+
+def _sklearn(version: int, rows: list[dict]) -> list[float]:
+    """Each row's positive-class probability from scikit-learn itself, one row at a time."""
+    with session_scope() as session:
+        model = ModelCache().get(session, "churn", version)
+    return [
+        float(model.estimator.predict_proba(encode_rows([r], model.schema))[0, 1]) for r in rows
+    ]
 
 
 def _send_as_one_batch(job_ids: list[str]) -> None:
@@ -47,7 +60,8 @@ def test_concurrent_jobs_are_batched_and_match_one_at_a_time(stack: Stack, clien
     jobs = [wait_done(client, i) for i in ids]
     assert all(j["status"] == "succeeded" for j in jobs)
     batched = [j["result"]["predictions"][0]["score"] for j in jobs]
-    assert batched == _local(1, rows)  # one row at a time, by the same artifact
+    assert batched == _local(1, rows)  # row for row, as if each job had been alone
+    assert max(abs(a - b) for a, b in zip(batched, _sklearn(1, rows), strict=True)) < 1e-6
     with session_scope() as session:
         workers = session.scalars(select(Job.worker).where(Job.id.in_(ids))).all()
     per_message = {}
@@ -147,3 +161,153 @@ def test_metrics_show_the_prediction_cache_hit_ratio(stack: Stack, client: httpx
     text = httpx.get(stack.api_url + "/metrics").text
     assert 'inferq_cache_requests_total{cache="predictions",outcome="hit"}' in text
     assert 'inferq_cache_requests_total{cache="predictions",outcome="miss"}' in text
+
+
+def _idle_workers() -> None:
+    """Let any delivery still waiting for more jobs give up (INFERQ_PREDICT_IDLE_S)."""
+    time.sleep(3 * get_settings().predict_idle_s + 0.2)
+
+
+def _redis() -> Redis:
+    return Redis.from_url(get_settings().redis_url)
+
+
+def test_jobs_committed_while_a_delivery_drains_wait_for_it_not_for_a_message(
+    stack: Stack, client: httpx.Client
+) -> None:
+    from workers.dispatch import bell_key, hand_over
+
+    _idle_workers()
+    redis = _redis()
+    redis.set(bell_key(), "1", px=20_000)  # as while a delivery drains
+    try:
+        ids = [submit(client, inputs=[r]).json()["id"] for r in _rows(5)]
+        time.sleep(0.5)
+        with session_scope() as session:
+            statuses = session.scalars(
+                select(Job.status).where(Job.id.in_([uuid.UUID(i) for i in ids]))
+            ).all()
+        assert statuses == ["queued"] * 5  # no message went out for them
+        hand_over()  # the draining delivery's successor takes them all
+        jobs = [wait_done(client, i) for i in ids]
+    finally:
+        redis.delete(bell_key())
+    assert [j["status"] for j in jobs] == ["succeeded"] * 5
+    with session_scope() as session:
+        workers = set(
+            session.scalars(select(Job.worker).where(Job.id.in_([uuid.UUID(i) for i in ids])))
+        )
+    assert len(workers) == 1, workers  # one delivery, one batch
+
+
+def test_a_redelivered_message_retakes_what_its_first_run_held(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """Its first run claimed the message's job and two popped ones, then died. The message
+    comes back with the same task id (here as a retry): all three are taken again, and a
+    job another live delivery holds is left alone."""
+    from workers.tasks.predict import run
+
+    _idle_workers()
+    ids = [record_queued(client, {"inputs": [r]}) for r in _rows(4)]
+    task_id = str(uuid.uuid4())
+    alive = datetime.now(UTC)
+    with session_scope() as session:
+        for job_id, holder in zip(ids, ["dead:1", "dead:1", "dead:1", "other:1"], strict=True):
+            session.execute(
+                update(Job)
+                .where(Job.id == uuid.UUID(job_id))
+                .values(
+                    status="running",
+                    attempts=1,
+                    worker=f"{holder}/{task_id if holder == 'dead:1' else 'other-task'}",
+                    heartbeat_at=alive,
+                )
+            )
+    assert run.apply(args=[[ids[0]]], task_id=task_id, retries=1).get() == 3
+    for job_id in ids[:3]:
+        job = wait_done(client, job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", 2)
+    with session_scope() as session:
+        other = session.get(Job, uuid.UUID(ids[3]))
+        assert other is not None
+        assert (other.status, other.worker) == ("running", "other:1/other-task")
+
+
+def test_a_delivery_drains_for_a_bounded_time_then_hands_over(
+    stack: Stack, client: httpx.Client
+) -> None:
+    from workers.dispatch import push_pending
+    from workers.tasks.predict import run
+
+    _idle_workers()
+    ids = [record_queued(client, {"inputs": [r]}) for r in _rows(3)]
+    redis = _redis()
+    pipe = redis.pipeline()
+    push_pending(pipe, [(uuid.UUID(i), "normal") for i in ids])
+    pipe.execute()
+    s = get_settings()
+    saved = s.predict_drain_s, s.batch_max_jobs
+    help_key = s.key("bell", "predict-help")
+    redis.set(help_key, "1", px=20_000)  # no calls for help: only the hand-over may send
+    s.predict_drain_s, s.batch_max_jobs = 0.0, 1
+    try:
+        assert run.apply(args=[[]]).get() == 1  # one batch of one, then time is up
+    finally:
+        s.predict_drain_s, s.batch_max_jobs = saved
+        redis.delete(help_key)
+    jobs = [wait_done(client, i) for i in ids]  # the fresh message drains the rest
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3
+    with session_scope() as session:
+        workers = [session.scalar(select(Job.worker).where(Job.id == uuid.UUID(i))) for i in ids]
+    assert workers[0] != workers[1] == workers[2]
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+def test_prediction_logs_are_written_alike_prepared_and_inline(
+    stack: Stack, client: httpx.Client, prepare: bool
+) -> None:
+    from shared import prepared
+    from shared.db import autocommit
+    from shared.inference import PREDICTION_LOGS, prediction_logs
+
+    job_id = record_queued(client)
+    tricky = {**ROW, "plan_tier": "50% off, 'quoted' \\ $1"}  # survives quoting as is
+    logs = [
+        {
+            "job_id": job_id,
+            "row": i,
+            "model": "churn",
+            "version": 1,
+            "inputs": tricky,
+            "score": 0.25 + i,
+            "label": i % 2 == 0,
+        }
+        for i in range(3)
+    ]
+    s = get_settings()
+    saved = s.db_prepare
+    s.db_prepare = prepare
+    try:
+        with autocommit() as conn:
+            statement = prediction_logs(logs)
+            assert statement is not None
+            text = PREDICTION_LOGS.sql(
+                statement[1], mogrify=conn.connection.cursor().mogrify, prepared=set()
+            )
+            assert ("EXECUTE inferq_prediction_logs(" in text) is prepare
+            prepared.run(conn, statement)
+            prepared.run(conn, statement)  # a redelivery: nothing written twice
+    finally:
+        s.db_prepare = saved
+    with session_scope() as session:
+        rows = session.scalars(
+            select(PredictionLog)
+            .where(PredictionLog.job_id == uuid.UUID(job_id))
+            .order_by(PredictionLog.row)
+        ).all()
+    assert [(r.row, r.inputs, r.score, r.label) for r in rows] == [
+        (0, tricky, 0.25, True),
+        (1, tricky, 1.25, False),
+        (2, tricky, 2.25, True),
+    ]

@@ -17,8 +17,9 @@ Predict jobs are micro-batched, and the broker sees a message per busy spell, no
    same atomic step (``pop_pending(..., last=True)``): anything pushed before that is
    still taken, and any commit after it rings again. A worker that has drained for
    ``INFERQ_PREDICT_DRAIN_S`` hands over to a fresh message instead (``hand_over``), so
-   no task runs long; a batch too big for one model call, or a pop that fills a whole
-   batch, asks another process for help (``call_for_help``).
+   no task runs long. A batch too big for one model call, a pop that fills a whole
+   batch, or work still pending after a batch slower than ``HELP_AFTER_S``, asks
+   another process to drain too (``call_for_help``).
 
 Idle, every commit rings at once and a job is a batch of one. If Redis loses a pending
 list, the jobs are still queued in the ledger, where the sweeper finds them.
@@ -34,7 +35,7 @@ from typing import Any
 from redis import Redis
 
 from shared.config import get_settings
-from shared.jobs import JobRow, ended_hooks
+from shared.jobs import JobRow, ended_hooks, mirror
 from shared.orm import Job
 from workers.app import PRIORITIES, TASK_FOR_TYPE, celery_app
 
@@ -46,6 +47,8 @@ __all__ = [
     "push_pending",
     "pop_pending",
     "wait_pending",
+    "mirror_and_pop",
+    "HELP_AFTER_S",
     "restore_pending",
     "hand_over",
     "call_for_help",
@@ -59,6 +62,9 @@ PREDICT_BATCH = 64
 #: The doorbell lives this long unless a draining worker's pops renew it: a worker that
 #: died holding it delays new jobs by this much at most (its message is redelivered too).
 BELL_TTL_MS = 2000
+#: A batch that took longer than this, with more jobs pending after it, calls another
+#: process for help: one process's model calls cannot keep up.
+HELP_AFTER_S = 0.05
 #: The pending lists expire this long after their last push; the ledger stays the record
 #: (the sweeper re-sends any queued job they lost).
 PENDING_TTL_S = 24 * 3600
@@ -115,7 +121,20 @@ def pop_pending(redis: Redis, limit: int, *, last: bool = False) -> list[uuid.UU
     round trip. ``last`` takes the doorbell down first (the worker is about to stop)."""
     keys = [bell_key(), *(_pending_key(p) for p in _PRIORITY_ORDER)]
     args = [limit, "1" if last else "0", BELL_TTL_MS]
-    popped = redis.register_script(_POP)(keys=keys, args=args)
+    return _ids(redis.register_script(_POP)(keys=keys, args=args))
+
+
+def mirror_and_pop(redis: Redis, ended: Sequence[JobRow], limit: int) -> list[uuid.UUID]:
+    """The hot copies of jobs a batch ended (``shared.jobs.mirror``) and the next
+    ``pop_pending``, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    mirror(redis, ended, pipe=pipe)
+    keys = [bell_key(), *(_pending_key(p) for p in _PRIORITY_ORDER)]
+    pipe.eval(_POP, len(keys), *keys, limit, "0", BELL_TTL_MS)
+    return _ids(pipe.execute()[-1])
+
+
+def _ids(popped: Any) -> list[uuid.UUID]:
     return [uuid.UUID(v.decode() if isinstance(v, bytes) else v) for v in popped or []]
 
 

@@ -20,8 +20,10 @@ from shared.jobs import JobRow, JobStatus
 from shared.logs import job_context
 from workers.app import celery_app
 from workers.dispatch import (
+    HELP_AFTER_S,
     call_for_help,
     hand_over,
+    mirror_and_pop,
     pop_pending,
     restore_pending,
     wait_pending,
@@ -45,8 +47,9 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     """Predict the message's jobs and every pending predict job, a batch at a time, until
     none is pending (see ``workers.dispatch`` for the protocol); returns the jobs ended.
 
-    Each batch costs four round trips whatever its size: the pop, the claim, the results
-    with their prediction logs (one transaction), the hot copies.
+    Each batch costs three round trips whatever its size: the claim, the results with
+    their prediction logs (one transaction), and the previous batch's hot copies sent
+    with the next pop.
     """
     s = get_settings()
     redis = redis_client()
@@ -56,24 +59,30 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     redelivered = redelivered or self.request.retries > 0
     ids = [uuid.UUID(i) for i in job_ids]
     deadline = time.monotonic() + s.predict_drain_s
+    done: list[JobRow] = []  # ended by the last batch, hot copies not yet written
     ended = batches = 0
+    slow = False
     with autocommit() as conn:
         while True:
-            popped = pop_pending(redis, cap)
+            popped = mirror_and_pop(redis, done, cap)
+            done = []
             if not ids and not popped and not redelivered:
                 arrived = wait_pending(redis, s.predict_idle_s)
                 if arrived is not None:
                     ids = [arrived]
-                    popped = pop_pending(redis, cap - 1)
                 else:
                     popped = pop_pending(redis, cap, last=True)  # doorbell down: last look
                     if not popped:
                         break
-            if len(popped) >= cap:
-                call_for_help(redis)
-            ended += _run_batch(self.request.id, conn, redis, ids, popped, redelivered)
-            ids, redelivered, batches = [], False, batches + 1
+            if len(popped) >= cap or (slow and popped):
+                call_for_help(redis)  # a backlog, or batches too slow for one process
+            started = time.monotonic()
+            done = _run_batch(self.request.id, conn, redis, ids, popped, redelivered)
+            slow = time.monotonic() - started > HELP_AFTER_S
+            ids, redelivered = [], False
+            ended, batches = ended + len(done), batches + 1
             if time.monotonic() >= deadline:
+                jobstore.mirror(redis, done)
                 hand_over()
                 break
     if batches > 1:
@@ -88,8 +97,9 @@ def _run_batch(
     ids: list[uuid.UUID],
     popped: list[uuid.UUID],
     redelivered: bool,
-) -> int:
-    """Claim, predict and record one batch; returns the jobs it ended."""
+) -> list[JobRow]:
+    """Claim, predict and record one batch; returns the jobs it ended (their hot copies are
+    the caller's to write)."""
     try:
         claimed = jobstore.claim_batch(
             conn,
@@ -108,8 +118,7 @@ def _run_batch(
         call_for_help(redis)  # several model calls' worth: share them with another process
     if runnable:
         ended += _predict(conn, redis, runnable)
-    jobstore.mirror(redis, ended)
-    return len(ended)
+    return ended
 
 
 def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> list[JobRow]:
