@@ -32,6 +32,7 @@ from shared.db import session_scope
 from shared.logs import configure_logging
 from shared.metrics import StatsCollector
 from workers.app import PRIORITIES, QUEUES
+from workers.dispatch import pending_keys
 
 log = logging.getLogger("inferq.api")
 
@@ -173,7 +174,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except DBAPIError as exc:
         log.error("could not ensure the bootstrap API key (database unavailable): %s", exc)
     if not _collector_registered:
-        REGISTRY.register(StatsCollector(redis_sync(), QUEUES, sorted(set(PRIORITIES.values()))))
+        REGISTRY.register(
+            StatsCollector(
+                redis_sync(), QUEUES, sorted(set(PRIORITIES.values())), pending=pending_keys()
+            )
+        )
         _collector_registered = True
     waiter.start(redis_async())
     yield

@@ -95,10 +95,17 @@ def _cumulative(
 class StatsCollector(Collector):
     """Reads the shared stats hash and queue lengths at scrape time."""
 
-    def __init__(self, redis: Redis, queues: Iterable[str], priority_steps: Iterable[int]) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        queues: Iterable[str],
+        priority_steps: Iterable[int],
+        pending: dict[str, str] | None = None,
+    ) -> None:
         self._redis = redis
         self._queues = list(queues)
         self._steps = list(priority_steps)
+        self._pending = dict(pending or {})  # priority -> list of pending predict job ids
 
     def _queue_keys(self, queue: str) -> list[str]:
         # kombu's Redis transport keeps one list per priority step: "q", "q:5", "q:9".
@@ -173,11 +180,21 @@ class StatsCollector(Collector):
         depth = GaugeMetricFamily(
             "inferq_queue_depth", "Messages waiting, by queue.", labels=["queue"]
         )
+        pending = GaugeMetricFamily(
+            "inferq_pending_jobs",
+            "Predict jobs committed and waiting for a draining worker, by priority.",
+            labels=["priority"],
+        )
         pipe = self._redis.pipeline(transaction=False)
         for q in self._queues:
             for key in self._queue_keys(q):
                 pipe.llen(key)
+        for key in self._pending.values():
+            pipe.llen(key)
         lengths = iter(pipe.execute())
         for q in self._queues:
             depth.add_metric([q], sum(next(lengths) for _ in self._steps))
+        for priority in self._pending:
+            pending.add_metric([priority], next(lengths))
         yield depth
+        yield pending

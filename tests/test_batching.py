@@ -188,6 +188,8 @@ def test_jobs_committed_while_a_delivery_drains_wait_for_it_not_for_a_message(
                 select(Job.status).where(Job.id.in_([uuid.UUID(i) for i in ids]))
             ).all()
         assert statuses == ["queued"] * 5  # no message went out for them
+        metrics = httpx.get(stack.api_url + "/metrics").text
+        assert 'inferq_pending_jobs{priority="normal"} 5.0' in metrics  # visible to operators
         hand_over()  # the draining delivery's successor takes them all
         jobs = [wait_done(client, i) for i in ids]
     finally:

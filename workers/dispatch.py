@@ -48,6 +48,7 @@ __all__ = [
     "pop_pending",
     "wait_pending",
     "mirror_and_pop",
+    "pending_keys",
     "HELP_AFTER_S",
     "restore_pending",
     "hand_over",
@@ -102,6 +103,11 @@ def bell_key() -> str:
 
 def _pending_key(priority: str) -> str:
     return get_settings().key("pending", "predict", priority)
+
+
+def pending_keys() -> dict[str, str]:
+    """Priority -> the Redis list of its pending predict job ids (for metrics)."""
+    return {p: _pending_key(p) for p in _PRIORITY_ORDER}
 
 
 def push_pending(pipe: Any, jobs: Iterable[tuple[uuid.UUID, str]]) -> None:
