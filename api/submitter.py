@@ -167,6 +167,10 @@ class GroupCommitter:
             returned = await conn.fetchall(_INSERT.replace(b"%s", rows, 1))
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             log.error("could not record %d jobs: %r", len(jobs), exc)
+            if not isinstance(exc, psycopg2.ProgrammingError | psycopg2.DataError):
+                # The INSERT may have committed before its answer was lost: take it back,
+                # so the 503 does not hide jobs that would run anyway.
+                await self._withdraw(None, jobs)
             raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
         recorded = {uuid.UUID(str(r[0])) for r in returned}
         accepted = [j for j in jobs if j.id in recorded]
@@ -177,10 +181,13 @@ class GroupCommitter:
             await self._announce(accepted)
         except Exception as exc:
             log.error("broker unavailable, withdrawing %d jobs: %r", len(accepted), exc)
-            kept = await self._withdraw(conn, accepted)
+            # Withdrawn jobs are refused (503). A job that cannot be withdrawn (a worker took
+            # it, or Postgres is gone too) is still recorded, so still accepted (202): the
+            # sweeper sends it if need be.
+            withdrawn = await self._withdraw(conn, accepted)
             error = BrokerUnavailableError(str(exc) or type(exc).__name__)
-            outcomes.update({j.id: error for j in accepted if j.id not in kept})
-            accepted = [j for j in accepted if j.id in kept]
+            outcomes.update({j.id: error for j in accepted if j.id in withdrawn})
+            accepted = [j for j in accepted if j.id not in withdrawn]
         if not conn.closed:
             self._idle.append(conn)
         for j in accepted:
@@ -216,18 +223,20 @@ class GroupCommitter:
                     await redis_async().delete(bell_key())
             raise
 
-    async def _withdraw(self, conn: AsyncConnection, jobs: list[NewJob]) -> set[uuid.UUID]:
-        """Delete jobs no worker has taken; returns the ids that stay (taken meanwhile)."""
-        ids = [str(j.id) for j in jobs]
+    async def _withdraw(self, conn: AsyncConnection | None, jobs: list[NewJob]) -> set[uuid.UUID]:
+        """Delete the jobs that are still queued; returns the ids deleted (a job a worker
+        took meanwhile stays). ``conn`` None: on a connection of its own."""
+        own = conn is None or conn.closed
         try:
-            if conn.closed:
+            if conn is None or conn.closed:
                 conn = await self._connection()
-            deleted = {uuid.UUID(str(r[0])) for r in await conn.fetchall(_WITHDRAW, (ids,))}
+            rows = await conn.fetchall(_WITHDRAW, ([str(j.id) for j in jobs],))
         except Exception:
-            # Still recorded, so still accepted: the sweeper sends them once the broker is back.
-            log.exception("could not withdraw %d jobs; the sweeper will send them", len(ids))
-            return {j.id for j in jobs}
-        return {j.id for j in jobs if j.id not in deleted}
+            log.exception("could not withdraw %d jobs; the sweeper will send any left", len(jobs))
+            return set()
+        if own and not conn.closed:
+            self._idle.append(conn)
+        return {uuid.UUID(str(r[0])) for r in rows}
 
 
 def _params(j: NewJob) -> tuple[Any, ...]:

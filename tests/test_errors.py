@@ -271,3 +271,32 @@ def test_database_down_is_503(stack) -> None:  # type: ignore[no-untyped-def]
         assert ready.json()["checks"]["database"]["ok"] is False
     finally:
         api.stop()
+
+
+def test_a_database_that_refuses_the_insert_is_503_and_records_nothing(stack) -> None:  # type: ignore[no-untyped-def]
+    """Keys and models can be read, the job cannot be written: the group commit's own
+    connection reports it, and the client is told to retry instead of being promised."""
+    from sqlalchemy.engine import make_url
+
+    from shared.config import get_settings
+
+    role = f"inferq_ro_{uuid.uuid4().hex[:8]}"
+    with session_scope() as session:
+        session.execute(text(f"CREATE ROLE {role} LOGIN"))
+        session.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
+    read_only = make_url(get_settings().database_url).set(username=role)
+    api, url = start_api({"INFERQ_DATABASE_URL": read_only.render_as_string(hide_password=False)})
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        with make_client(stack, tenant=tenant, base_url=url) as c:
+            r = submit(c, inputs=[ROW])
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "5"
+            assert "database unavailable" in r.json()["detail"]
+            assert _count_jobs(tenant) == 0
+            assert submit(c, inputs=[ROW]).status_code == 503  # a fresh connection, same answer
+    finally:
+        api.stop()
+        with session_scope() as session:
+            session.execute(text(f"DROP OWNED BY {role}"))
+            session.execute(text(f"DROP ROLE {role}"))
