@@ -235,21 +235,29 @@ def _count_jobs(tenant: str) -> int:
         )
 
 
+def _submits_are_refused(stack, env: dict[str, str], what: str, *, times: int = 1) -> None:  # type: ignore[no-untyped-def]
+    """An API started with ``env`` answers submits 503 (``what`` unavailable) and records
+    nothing."""
+    api, url = start_api(env)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        with make_client(stack, tenant=tenant, base_url=url) as c:
+            for _ in range(times):
+                r = submit(c, inputs=[ROW])
+                assert r.status_code == 503, r.text
+                assert r.headers["retry-after"] == "5"
+                assert f"{what} unavailable" in r.json()["detail"]
+                assert "retry later" in r.json()["detail"]
+        assert _count_jobs(tenant) == 0
+    finally:
+        api.stop()
+
+
 def test_broker_down_is_503_and_nothing_is_accepted(stack) -> None:  # type: ignore[no-untyped-def]
     from shared.embedded import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    api, url = start_api({"INFERQ_REDIS_URL": dead, "INFERQ_BROKER_URL": dead})
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    try:
-        with make_client(stack, tenant=tenant, base_url=url) as c:
-            r = submit(c, inputs=[ROW])
-        assert r.status_code == 503, r.text
-        assert r.headers["retry-after"] == "5"
-        assert "retry later" in r.json()["detail"]
-        assert _count_jobs(tenant) == 0
-    finally:
-        api.stop()
+    _submits_are_refused(stack, {"INFERQ_REDIS_URL": dead, "INFERQ_BROKER_URL": dead}, "broker")
 
 
 def test_database_down_is_503(stack) -> None:  # type: ignore[no-untyped-def]
@@ -285,18 +293,11 @@ def test_a_database_that_refuses_the_insert_is_503_and_records_nothing(stack) ->
         session.execute(text(f"CREATE ROLE {role} LOGIN"))
         session.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
     read_only = make_url(get_settings().database_url).set(username=role)
-    api, url = start_api({"INFERQ_DATABASE_URL": read_only.render_as_string(hide_password=False)})
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
     try:
-        with make_client(stack, tenant=tenant, base_url=url) as c:
-            r = submit(c, inputs=[ROW])
-            assert r.status_code == 503, r.text
-            assert r.headers["retry-after"] == "5"
-            assert "database unavailable" in r.json()["detail"]
-            assert _count_jobs(tenant) == 0
-            assert submit(c, inputs=[ROW]).status_code == 503  # a fresh connection, same answer
+        # Twice: the second batch opens a fresh connection and meets the same refusal.
+        env = {"INFERQ_DATABASE_URL": read_only.render_as_string(hide_password=False)}
+        _submits_are_refused(stack, env, "database", times=2)
     finally:
-        api.stop()
         with session_scope() as session:
             session.execute(text(f"DROP OWNED BY {role}"))
             session.execute(text(f"DROP ROLE {role}"))
