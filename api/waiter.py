@@ -24,38 +24,41 @@ from redis.asyncio import Redis
 from shared.config import get_settings
 from shared.jobs import DONE_CHANNEL
 
-__all__ = ["Waiter", "waiter", "RECENT_JOBS"]
+__all__ = ["Waiter", "waiter", "RECENT_JOBS", "RECENT_BYTES"]
 
 log = logging.getLogger(__name__)
 
-#: Jobs remembered per kind (ended, accepted here), in two generations: between this many
-#: and twice as many of the newest. At 2,000 jobs/s and ~0.5 KiB a hot copy that is 5 to
-#: 10 s of history and at most ~20 MiB.
+#: What the process remembers, in two generations each: between one and two budgets of
+#: the newest. Accepted jobs: 20,000 ids (about 10 s at 2,000 jobs/s, a few MiB). Hot
+#: copies of ended jobs: 16 MiB of them (each at most DONE_PAYLOAD_MAX, 16 KiB), so a
+#: stream of big results costs at most 32 MiB, not their count times 16 KiB.
 RECENT_JOBS = 20_000
+RECENT_BYTES = 16 * 1024 * 1024
 
 V = TypeVar("V")
 
 
 class _Recent(Generic[V]):
-    """A bounded map that forgets its oldest half at once: O(1), no per-entry bookkeeping."""
+    """A bounded map that forgets its older half at once: O(1), no per-entry bookkeeping.
+    ``size`` bounds the sum of ``cost(value)`` in a generation (1 per entry by default)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, cost: Callable[[V], int] | None = None) -> None:
         self._size = size
+        self._cost = cost
+        self._used = 0
         self._new: dict[str, V] = {}
         self._old: dict[str, V] = {}
 
     def __setitem__(self, key: str, value: V) -> None:
-        if len(self._new) >= self._size:
-            self._old, self._new = self._new, {}
+        cost = self._cost(value) if self._cost is not None else 1
+        if self._used + cost > self._size:
+            self._old, self._new, self._used = self._new, {}, 0
         self._new[key] = value
+        self._used += cost
 
     def get(self, key: str) -> V | None:
         value = self._new.get(key)
         return value if value is not None else self._old.get(key)
-
-    def clear(self) -> None:
-        self._new.clear()
-        self._old.clear()
 
 
 class _Ended(asyncio.Event):
@@ -68,7 +71,7 @@ class Waiter:
     def __init__(self) -> None:
         self._events: dict[str, set[_Ended]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
-        self._ended: _Recent[bytes] = _Recent(RECENT_JOBS)
+        self._ended: _Recent[bytes] = _Recent(RECENT_BYTES, cost=len)
         self._accepted: _Recent[str] = _Recent(RECENT_JOBS)
 
     def accepted(self, job_id: str, tenant: str) -> None:
