@@ -163,3 +163,62 @@ def test_promotion_is_picked_up_by_the_running_worker(stack: Stack, admin: httpx
         wait_for(preloaded, 10, "the worker to preload the new version", step=0.2)
     finally:
         admin.post(f"/v1/models/churn/versions/{before}/promote")
+
+
+def test_draining_workers_killed_under_load_lose_no_job_and_write_none_twice(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """Both prefork children are SIGKILLed while jobs stream in: every job still ends
+    succeeded, with exactly one prediction-log row, without waiting for the sweeper.
+    What the dead held comes back with its redelivered message: the jobs it had claimed
+    and the ids it had popped but not yet claimed (its in-flight list)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import func, select
+
+    from shared.orm import PredictionLog
+
+    rows = [{**ROW, "tenure_months": 1 + i % 120, "monthly_spend": float(i)} for i in range(1500)]
+    killed: list[int] = []
+
+    def kill_when_busy() -> None:
+        wait_for(lambda: _succeeded(tenant) >= 200, 60, "jobs to flow", step=0.01)
+        for pid in stack.worker_children():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    tenant = _tenant(client)
+    with ThreadPoolExecutor(17) as pool:
+        killer = pool.submit(kill_when_busy)
+        ids = list(pool.map(lambda r: submit(client, inputs=[r]).json()["id"], rows))
+        killer.result()
+    assert len(killed) == 2
+
+    wait_for(lambda: _succeeded(tenant) == len(ids), 30, "every job to end", step=0.2)
+    with session_scope() as session:
+        logged = session.execute(
+            select(PredictionLog.job_id, func.count())
+            .where(PredictionLog.job_id.in_([uuid.UUID(i) for i in ids]))
+            .group_by(PredictionLog.job_id)
+        ).all()
+    assert len(logged) == len(ids) and {n for _, n in logged} == {1}
+    assert not set(killed) & set(stack.worker_children())
+    wait_for(lambda: len(stack.worker_children()) == 2, 30, "the pool to replace its children")
+
+
+def _tenant(client: httpx.Client) -> str:
+    from tests.conftest import tenant_of
+
+    return tenant_of(client)
+
+
+def _succeeded(tenant: str) -> int:
+    from sqlalchemy import text
+
+    with session_scope() as session:
+        return int(
+            session.execute(
+                text("SELECT count(*) FROM jobs WHERE tenant = :t AND status = 'succeeded'"),
+                {"t": tenant},
+            ).scalar_one()
+        )

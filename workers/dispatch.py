@@ -7,12 +7,14 @@ Predict jobs are micro-batched, and the broker sees a message per busy spell, no
    key (``SET NX``, ``BELL_TTL_MS``). Only if the doorbell was down does it send a
    Celery message (carrying the batch's ids).
 2. The worker that takes the message drains: it pops up to ``INFERQ_BATCH_MAX_JOBS``
-   pending ids (``pop_pending``, which keeps the doorbell up), claims them by primary
-   key, predicts them in one call, records them, and pops again. When nothing is
-   pending it blocks on the lists for up to ``INFERQ_PREDICT_IDLE_S`` (``wait_pending``):
-   a job pushed meanwhile is taken the moment it arrives. Commits meanwhile find the
-   doorbell up and send nothing: their ids wait for at most one batch, never for a
-   message.
+   pending ids (``pop_pending``, which keeps the doorbell up and the ids on an in-flight
+   list of the task's own until its next pop), claims them by primary key, predicts them
+   in one call, records them, and pops again. When nothing is pending it blocks for up
+   to ``INFERQ_PREDICT_IDLE_S`` on a wake list that every push also feeds
+   (``wait_pending``): a job pushed meanwhile is taken the moment it arrives. Commits
+   meanwhile find the doorbell up and send nothing: their ids wait for at most one
+   batch, never for a message. A task killed between a pop and its claim leaves the ids
+   on its in-flight list, and its redelivered message claims them (``in_flight``).
 3. When the wait times out the worker takes the doorbell down and pops once more in the
    same atomic step (``pop_pending(..., last=True)``): anything pushed before that is
    still taken, and any commit after it rings again. A worker that has drained for
@@ -48,6 +50,8 @@ __all__ = [
     "pop_pending",
     "wait_pending",
     "mirror_and_pop",
+    "in_flight",
+    "forget_in_flight",
     "pending_keys",
     "HELP_AFTER_S",
     "restore_pending",
@@ -72,25 +76,35 @@ PENDING_TTL_S = 24 * 3600
 #: Pending lists are popped in this order.
 _PRIORITY_ORDER = ("high", "normal", "low")
 
-# KEYS[1] the doorbell, KEYS[2..] the pending lists, highest priority first. ARGV[1] how
-# many ids at most; ARGV[2] "1" for the last pop (doorbell down first), else the doorbell
-# is renewed (if up) for ARGV[3] ms. Atomic: an id pushed before a failed SET NX of the
-# doorbell is always popped, by this pop or a later one.
+# KEYS: 1 the doorbell, 2 the wake list, 3 this task's in-flight list, 4.. the pending
+# lists, highest priority first. ARGV: 1 how many ids at most; 2 "1" for the last pop
+# (doorbell down first), else the doorbell is renewed, if up, for ARGV[3] ms; 4 the
+# in-flight list's lifetime, s. Atomic: an id pushed before a failed SET NX of the
+# doorbell is always popped, by this pop or a later one. The popped ids are kept on the
+# in-flight list until this task's next pop (by then they are claimed), so a task that
+# dies between pop and claim leaves them to its redelivered message.
 _POP = """
 if ARGV[2] == '1' then
   redis.call('DEL', KEYS[1])
 else
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
+redis.call('DEL', KEYS[2], KEYS[3])
 local out = {}
 local left = tonumber(ARGV[1])
-for i = 2, #KEYS do
+for i = 4, #KEYS do
   if left <= 0 then break end
   local got = redis.call('LPOP', KEYS[i], left)
   if got then
     for _, v in ipairs(got) do out[#out + 1] = v end
     left = left - #got
   end
+end
+for i = 1, #out, 1000 do
+  redis.call('RPUSH', KEYS[3], unpack(out, i, math.min(i + 999, #out)))
+end
+if #out > 0 then
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
 end
 return out
 """
@@ -110,9 +124,17 @@ def pending_keys() -> dict[str, str]:
     return {p: _pending_key(p) for p in _PRIORITY_ORDER}
 
 
+def _wake_key() -> str:
+    return get_settings().key("pending", "predict", "wake")
+
+
+def _inflight_key(task_id: str) -> str:
+    return get_settings().key("pending", "predict", "inflight", task_id)
+
+
 def push_pending(pipe: Any, jobs: Iterable[tuple[uuid.UUID, str]]) -> None:
-    """Queue committed predict jobs' (id, priority), in a pipeline that sets the doorbell
-    *afterwards*."""
+    """Queue committed predict jobs' (id, priority) and wake a waiting worker, in a
+    pipeline that sets the doorbell *afterwards*."""
     by_priority: dict[str, list[str]] = {}
     for job_id, priority in jobs:
         by_priority.setdefault(priority, []).append(str(job_id))
@@ -120,38 +142,56 @@ def push_pending(pipe: Any, jobs: Iterable[tuple[uuid.UUID, str]]) -> None:
         key = _pending_key(priority if priority in _PRIORITY_ORDER else "normal")
         pipe.rpush(key, *ids)
         pipe.expire(key, PENDING_TTL_S)
+    # One token is enough to wake a waiter; the next pop clears it.
+    pipe.rpush(_wake_key(), "1")
+    pipe.ltrim(_wake_key(), 0, 0)
+    pipe.expire(_wake_key(), PENDING_TTL_S)
 
 
-def pop_pending(redis: Redis, limit: int, *, last: bool = False) -> list[uuid.UUID]:
-    """Up to ``limit`` pending predict job ids, high priority first, oldest first, in one
-    round trip. ``last`` takes the doorbell down first (the worker is about to stop)."""
-    keys = [bell_key(), *(_pending_key(p) for p in _PRIORITY_ORDER)]
-    args = [limit, "1" if last else "0", BELL_TTL_MS]
+def _pop_args(task_id: str, limit: int, last: bool) -> tuple[list[str], list[Any]]:
+    keys = [bell_key(), _wake_key(), _inflight_key(task_id)]
+    keys += [_pending_key(p) for p in _PRIORITY_ORDER]
+    return keys, [limit, "1" if last else "0", BELL_TTL_MS, get_settings().visibility_timeout_s]
+
+
+def pop_pending(redis: Redis, task_id: str, limit: int, *, last: bool = False) -> list[uuid.UUID]:
+    """Up to ``limit`` pending predict job ids for task ``task_id``, high priority first,
+    oldest first, in one round trip. ``last`` takes the doorbell down first (the worker
+    is about to stop)."""
+    keys, args = _pop_args(task_id, limit, last)
     return _ids(redis.register_script(_POP)(keys=keys, args=args))
 
 
-def mirror_and_pop(redis: Redis, ended: Sequence[JobRow], limit: int) -> list[uuid.UUID]:
+def mirror_and_pop(
+    redis: Redis, ended: Sequence[JobRow], task_id: str, limit: int
+) -> list[uuid.UUID]:
     """The hot copies of jobs a batch ended (``shared.jobs.mirror``) and the next
     ``pop_pending``, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     mirror(redis, ended, pipe=pipe)
-    keys = [bell_key(), *(_pending_key(p) for p in _PRIORITY_ORDER)]
-    pipe.eval(_POP, len(keys), *keys, limit, "0", BELL_TTL_MS)
+    keys, args = _pop_args(task_id, limit, last=False)
+    pipe.eval(_POP, len(keys), *keys, *args)
     return _ids(pipe.execute()[-1])
+
+
+def in_flight(redis: Redis, task_id: str) -> list[uuid.UUID]:
+    """What task ``task_id`` had popped and perhaps not claimed when it stopped (read by
+    its redelivered message)."""
+    return _ids(redis.lrange(_inflight_key(task_id), 0, -1))
+
+
+def forget_in_flight(redis: Redis, task_id: str) -> None:
+    """The task ends with every popped id claimed."""
+    redis.delete(_inflight_key(task_id))
 
 
 def _ids(popped: Any) -> list[uuid.UUID]:
     return [uuid.UUID(v.decode() if isinstance(v, bytes) else v) for v in popped or []]
 
 
-def wait_pending(redis: Redis, timeout: float) -> uuid.UUID | None:
-    """Block until a pending predict job id arrives (highest priority first), or None
-    after ``timeout`` seconds."""
-    got = redis.blpop([_pending_key(p) for p in _PRIORITY_ORDER], timeout=timeout)
-    if got is None:
-        return None
-    value = got[1]
-    return uuid.UUID(value.decode() if isinstance(value, bytes) else value)
+def wait_pending(redis: Redis, timeout: float) -> bool:
+    """Block until predict jobs are pushed (True) or ``timeout`` seconds pass (False)."""
+    return redis.blpop([_wake_key()], timeout=timeout) is not None
 
 
 def restore_pending(redis: Redis, job_ids: list[uuid.UUID]) -> None:

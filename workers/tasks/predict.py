@@ -22,7 +22,9 @@ from workers.app import celery_app
 from workers.dispatch import (
     HELP_AFTER_S,
     call_for_help,
+    forget_in_flight,
     hand_over,
+    in_flight,
     mirror_and_pop,
     pop_pending,
     restore_pending,
@@ -54,30 +56,32 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     s = get_settings()
     redis = redis_client()
     cap = s.batch_max_jobs
-    # A message back from a dead worker (or a retry) retakes what its first run held.
+    task_id = self.request.id
+    ids = [uuid.UUID(i) for i in job_ids]
+    # A message back from a dead worker (or a retry) retakes what its first run held: the
+    # jobs it claimed (running under this task id) and the ids it had popped.
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     redelivered = redelivered or self.request.retries > 0
-    ids = [uuid.UUID(i) for i in job_ids]
+    if redelivered:
+        ids += in_flight(redis, task_id)
     deadline = time.monotonic() + s.predict_drain_s
     done: list[JobRow] = []  # ended by the last batch, hot copies not yet written
     ended = batches = 0
     slow = False
     with autocommit() as conn:
         while True:
-            popped = mirror_and_pop(redis, done, cap)
+            popped = mirror_and_pop(redis, done, task_id, cap)
             done = []
             if not ids and not popped and not redelivered:
-                arrived = wait_pending(redis, s.predict_idle_s)
-                if arrived is not None:
-                    ids = [arrived]
-                else:
-                    popped = pop_pending(redis, cap, last=True)  # doorbell down: last look
-                    if not popped:
-                        break
+                if wait_pending(redis, s.predict_idle_s):
+                    continue  # jobs were pushed: pop them
+                popped = pop_pending(redis, task_id, cap, last=True)  # doorbell down
+                if not popped:
+                    break
             if len(popped) >= cap or (slow and popped):
                 call_for_help(redis)  # a backlog, or batches too slow for one process
             started = time.monotonic()
-            done = _run_batch(self.request.id, conn, redis, ids, popped, redelivered)
+            done = _run_batch(task_id, conn, redis, ids, popped, redelivered)
             slow = time.monotonic() - started > HELP_AFTER_S
             ids, redelivered = [], False
             ended, batches = ended + len(done), batches + 1
@@ -85,6 +89,7 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
                 jobstore.mirror(redis, done)
                 hand_over()
                 break
+    forget_in_flight(redis, task_id)
     if batches > 1:
         log.info("drained %d predict jobs in %d batches", ended, batches)
     return ended
