@@ -291,6 +291,7 @@ def test_a_database_that_refuses_the_insert_is_503_and_records_nothing(stack) ->
     role = f"inferq_ro_{uuid.uuid4().hex[:8]}"
     with session_scope() as session:
         session.execute(text(f"CREATE ROLE {role} LOGIN"))
+        session.execute(text(f"GRANT USAGE ON SCHEMA public TO {role}"))
         session.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
     read_only = make_url(get_settings().database_url).set(username=role)
     try:

@@ -145,17 +145,20 @@ def test_worker_killed_mid_run_still_one_row_per_customer(
 ) -> None:
     job_id = submit(client, type="score").json()["id"]
 
-    def chunk_in_flight() -> int | None:
+    def chunk_in_flight() -> bool:
+        """Some chunks done and one taken but not done: the kill lands mid-chunk."""
         with session_scope() as session:
-            done = session.execute(
+            done, running = session.execute(
                 text(
-                    "SELECT count(*) FROM scoring_chunks WHERE run_id = :r AND done_at IS NOT NULL"
+                    "SELECT count(*) FILTER (WHERE done_at IS NOT NULL), "
+                    "count(*) FILTER (WHERE attempts >= 1 AND done_at IS NULL) "
+                    "FROM scoring_chunks WHERE run_id = :r"
                 ),
                 {"r": job_id},
-            ).scalar()
-        return 1 if done else None  # some chunks done, others still to come
+            ).one()
+        return bool(done and running)
 
-    wait_for(chunk_in_flight, 60, "the first chunk to finish", step=0.005)
+    wait_for(chunk_in_flight, 60, "a chunk in flight after the first one", step=0.002)
     victims = stack.worker_children()
     for pid in victims:  # both pool processes, whatever they hold
         os.kill(pid, signal.SIGKILL)
