@@ -146,7 +146,7 @@ def test_worker_killed_mid_run_still_one_row_per_customer(
     job_id = submit(client, type="score").json()["id"]
 
     def chunk_in_flight() -> bool:
-        """Some chunks done and one taken but not done: the kill lands mid-chunk."""
+        """Some chunks done and one taken but not done."""
         with session_scope() as session:
             done, running = session.execute(
                 text(
@@ -158,8 +158,19 @@ def test_worker_killed_mid_run_still_one_row_per_customer(
             ).one()
         return bool(done and running)
 
-    wait_for(chunk_in_flight, 60, "a chunk in flight after the first one", step=0.002)
-    victims = stack.worker_children()
+    def frozen_mid_chunk() -> list[int] | None:
+        """Both pool processes stopped while a chunk is in flight (stopped first, so the
+        chunk cannot finish between the look and the kill)."""
+        pids = stack.worker_children()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        if chunk_in_flight():
+            return pids
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        return None
+
+    victims = wait_for(frozen_mid_chunk, 60, "a chunk in flight after the first one", step=0.002)
     for pid in victims:  # both pool processes, whatever they hold
         os.kill(pid, signal.SIGKILL)
     job = wait_done(client, job_id, timeout=180)
