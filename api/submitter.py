@@ -228,7 +228,7 @@ class GroupCommitter:
         took meanwhile stays). ``conn`` None: on a connection of its own."""
         own = conn is None or conn.closed
         try:
-            if conn is None or conn.closed:
+            if conn is None or conn.closed:  # (``own``, spelt out for the type checker)
                 conn = await self._connection()
             rows = await conn.fetchall(_WITHDRAW, ([str(j.id) for j in jobs],))
         except Exception:

@@ -39,7 +39,6 @@ class Statement:
         self.name = name
         self.prepare = prepare
         self.types = tuple(types)
-        self.body = sql
         casts = ", ".join(f"%s::{t}" for t in self.types)
         self._call = f"EXECUTE {name}({casts})"
         # Inline form: each $n becomes a quoted argument with its cast.

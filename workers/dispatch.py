@@ -205,21 +205,17 @@ def restore_pending(redis: Redis, job_ids: list[uuid.UUID]) -> None:
         log.warning("could not restore %d pending ids", len(job_ids), exc_info=True)
 
 
-def _send_drain() -> None:
-    name, queue = TASK_FOR_TYPE["predict"]
-    celery_app.send_task(name, args=[[]], queue=queue)
-
-
 def hand_over() -> None:
     """A message for the next delivery to go on draining (the doorbell stays up)."""
-    _send_drain()
+    name, queue = TASK_FOR_TYPE["predict"]
+    celery_app.send_task(name, args=[[]], queue=queue)
 
 
 def call_for_help(redis: Redis) -> bool:
     """One more draining delivery, at most once per ``BELL_TTL_MS``: a backlog is building."""
     if not redis.set(get_settings().key("bell", "predict-help"), "1", nx=True, px=BELL_TTL_MS):
         return False
-    _send_drain()
+    hand_over()
     return True
 
 

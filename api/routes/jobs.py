@@ -179,7 +179,7 @@ async def read_job(job_id: str, principal: Principal, wait: float) -> JSONRespon
         doc = json.loads(seen) if seen is not None else None
         if doc is None and not (owner is not None and wait > 0):
             doc = await _read_hot(jid)
-        if doc is not None and doc["tenant"] != tenant or owner not in (None, tenant):
+        if (doc is not None and doc["tenant"] != tenant) or owner not in (None, tenant):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
         view = doc["view"] if doc is not None else None
         if view is None or view["status"] not in TERMINAL:

@@ -87,9 +87,9 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
             ended, batches = ended + len(done), batches + 1
             if time.monotonic() >= deadline:
                 jobstore.mirror(redis, done)
+                forget_in_flight(redis, task_id)  # claimed; a last pop would have cleared it
                 hand_over()
                 break
-    forget_in_flight(redis, task_id)
     if batches > 1:
         log.info("drained %d predict jobs in %d batches", ended, batches)
     return ended
