@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -45,20 +46,28 @@ REQUEST_SECONDS = Histogram(
 _collector_registered = False
 
 
-class BodyLimitMiddleware:
-    """413 for bodies over INFERQ_MAX_BODY_BYTES, refused before they are read past the limit."""
+#: Artifact uploads: the one route whose bodies may be larger (INFERQ_MAX_ARTIFACT_BYTES).
+_UPLOAD = re.compile(r"^/v1/models/[^/]+/versions/?$")
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+class BodyLimitMiddleware:
+    """413 for bodies over INFERQ_MAX_BODY_BYTES (INFERQ_MAX_ARTIFACT_BYTES for an artifact
+    upload), refused before they are read past the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int) -> None:
         self.app = app
-        self.limit = limit
+        self.body_limit = limit
+        self.upload_limit = upload_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = scope["method"] == "POST" and _UPLOAD.match(scope["path"]) is not None
+        limit = self.upload_limit if upload else self.body_limit
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if value.isdigit() and int(value) > self.limit:
-                    return await self._refuse(send)
+                if value.isdigit() and int(value) > limit:
+                    return await self._refuse(send, limit, upload)
                 break
         seen = 0
         started = refused = False
@@ -68,11 +77,11 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # Answer now; whatever the app makes of the aborted read is dropped below.
                     if not started and not refused:
                         refused = True
-                        await self._refuse(send)
+                        await self._refuse(send, limit, upload)
                     raise BodyTooLargeError
             return message
 
@@ -86,10 +95,10 @@ class BodyLimitMiddleware:
         with suppress(BodyTooLargeError):
             await self.app(scope, limited_receive, guarded_send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, limit: int, upload: bool) -> None:
+        setting = "INFERQ_MAX_ARTIFACT_BYTES" if upload else "INFERQ_MAX_BODY_BYTES"
         response = JSONResponse(
-            {"detail": f"request body over {self.limit} bytes (INFERQ_MAX_BODY_BYTES)"},
-            status_code=413,
+            {"detail": f"request body over {limit} bytes ({setting})"}, status_code=413
         )
         await response({"type": "http"}, _no_receive, send)
 
@@ -215,7 +224,11 @@ def create_app() -> ASGIApp:
     settings = get_settings()
     api = create_api()
     inner: ASGIApp = FastPath(api, api=api) if settings.fast_path else api
-    return BodyLimitMiddleware(ObserveMiddleware(inner), limit=settings.max_body_bytes)
+    return BodyLimitMiddleware(
+        ObserveMiddleware(inner),
+        limit=settings.max_body_bytes,
+        upload_limit=settings.max_artifact_bytes,
+    )
 
 
 configure_logging(level=get_settings().log_level, json_lines=get_settings().log_json, process="api")

@@ -13,8 +13,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared import registry
 from shared.config import get_settings
+from shared.models import registry
 
 __all__ = ["VersionInfo", "RegistryView", "registry_view"]
 

@@ -13,6 +13,7 @@ __all__ = [
     "JobSummary",
     "JobList",
     "ModelVersionPublic",
+    "VersionMetadata",
     "ModelPublic",
     "Problem",
 ]
@@ -89,11 +90,40 @@ class JobList(BaseModel):
 class ModelVersionPublic(BaseModel):
     version: int
     stage: str
+    kind: str
+    format: str = Field(description="Artifact format: skops, joblib or pickle.")
     metrics: dict[str, Any]
     sha256: str
+    threshold: float | None = None
+    classes: list[Any] | None = Field(None, description="A classifier's classes, in order.")
+    input_schema: dict[str, Any]
+    source: dict[str, Any] | None = None
     training_window: dict[str, Any] | None
     created_at: str | None
     promoted_at: str | None
+
+
+# The optional JSON part `metadata` of POST /v1/models/{name}/versions.
+class VersionMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["auto", "classifier", "regressor", "anomaly"] = "auto"
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="Declared input schema; overrides inference."
+    )
+    sample: list[dict[str, Any]] | str | None = Field(
+        None, description="Rows like the training data: JSON objects, or CSV text."
+    )
+    threshold: float | None = Field(None, ge=0, le=1, description="Binary decision threshold.")
+    feature_table: str | None = Field(None, max_length=128)
+    key: str | None = Field(None, max_length=63)
+    trusted: list[str] = Field(
+        default_factory=list, description="skops types to trust beyond skops' defaults."
+    )
+    uri: str | None = Field(
+        None, description="Instead of a file: an MLflow URI (models:/NAME@ALIAS, runs:/...)."
+    )
+    promote: bool = Field(False, description="Make the new version production at once.")
 
 
 # A model: its kind, the production version's input schema, and every version.

@@ -14,15 +14,15 @@ from typing import Any
 from fastapi import HTTPException, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import text
 
 from api.registry_view import VersionInfo, registry_view
 from api.schemas import JobCreate
 from shared.callbacks import CallbackRefusedError, check_url
-from shared.catalog import SPECS
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.inputs import validate_rows
+from shared.features import FeatureTable, unknown_entities
+from shared.models.catalog import SPECS
+from shared.models.schema import validate_rows
 from shared.scoring import validate_segment
 
 __all__ = ["validate_job", "request_hash"]
@@ -64,14 +64,9 @@ async def _resolve(body: JobCreate) -> VersionInfo:
     return resolved
 
 
-def _unknown_entities(ids: list[int]) -> list[tuple[int, int]]:
+def _unknown_entities(ft: FeatureTable, ids: list[int]) -> list[tuple[int, int]]:
     with session_scope() as session:
-        known = set(
-            session.scalars(
-                text("SELECT id FROM customers WHERE id = ANY(:ids)"), {"ids": list(set(ids))}
-            )
-        )
-    return [(i, e) for i, e in enumerate(ids) if e not in known]
+        return unknown_entities(session, ft, ids)
 
 
 async def _validate_predict(body: JobCreate, info: VersionInfo, max_rows: int) -> dict:
@@ -101,9 +96,11 @@ async def _validate_predict(body: JobCreate, info: VersionInfo, max_rows: int) -
         if errors:
             raise RequestValidationError(errors)
         return {"inputs": rows}
-    if info.schema.get("entity_table") != "customers":
+    ft = FeatureTable.of(info.schema)
+    if ft is None:
         invalid("entity_ids", f"model {info.name!r} has no feature table; send 'inputs'")
-    unknown = await run_in_threadpool(_unknown_entities, rows)
+    assert ft is not None
+    unknown = await run_in_threadpool(_unknown_entities, ft, rows)
     if unknown:
         raise RequestValidationError(
             [
@@ -121,7 +118,7 @@ async def _validate_predict(body: JobCreate, info: VersionInfo, max_rows: int) -
 
 def _validate_score(body: JobCreate, info: VersionInfo) -> dict:
     _not_for(body, "score", "inputs", "entity_ids", "promote")
-    if info.schema.get("entity_table") != "customers":
+    if FeatureTable.of(info.schema) is None:
         invalid("model", f"model {info.name!r} has no feature table to score")
     segment = body.segment or {}
     errors = validate_segment(segment, info.schema)
@@ -145,7 +142,12 @@ async def validate_job(body: JobCreate, max_rows: int) -> tuple[int | None, dict
     if body.type == "train":
         _not_for(body, "train", "inputs", "entity_ids", "segment", "version")
         if body.model not in SPECS:
-            invalid("model", f"unknown trainable model {body.model!r}; known: {sorted(SPECS)}")
+            invalid(
+                "model",
+                f"inferq trains only its built-in models ({', '.join(sorted(SPECS))}); "
+                f"register new versions of {body.model!r} with POST /v1/models/"
+                f"{body.model}/versions",
+            )
         request: dict[str, Any] = {"promote": body.promote or "if_better"}
         if body.callback_url is not None:
             request["callback_url"] = body.callback_url

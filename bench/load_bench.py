@@ -736,7 +736,7 @@ def prepare(base: Path, servers: list[Any]) -> Env:
     from shared.cli import migrate_db
     from shared.db import dispose_engine, get_engine, session_scope
     from shared.features import seed_customers
-    from shared.training import train
+    from shared.models.training import train
 
     migrate_db()
     seed_customers(get_engine(), CUSTOMERS)

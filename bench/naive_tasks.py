@@ -42,7 +42,7 @@ def _pipeline() -> Any:
     global _model
     if _model is None:
         from shared.db import session_scope
-        from shared.registry import ModelCache, production_versions
+        from shared.models.registry import ModelCache, production_versions
 
         with session_scope() as session:
             version = production_versions(session)["churn"]

@@ -339,10 +339,10 @@ def run_tutorial(
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    from shared.catalog import CHURN_SCHEMA
     from shared.config import get_settings
     from shared.db import session_scope
-    from shared.registry import ModelCache
+    from shared.models.catalog import CHURN_SCHEMA
+    from shared.models.registry import ModelCache
 
     with session_scope() as session:
         pipeline = ModelCache().get(session, "churn", version).estimator  # scikit-learn
@@ -467,8 +467,8 @@ def main() -> int:  # noqa: C901 (one linear script)
         from shared.config import get_settings
         from shared.db import get_engine, session_scope
         from shared.features import seed_customers
-        from shared.registry import ModelCache
-        from shared.training import train
+        from shared.models.registry import ModelCache
+        from shared.models.training import train
 
         migrate_db()
         n = args.customers

@@ -194,9 +194,9 @@ def seed(customers: int, seed_value: int) -> None:
 def train(model: str, promote: str) -> None:
     """Train a new version of MODEL (churn, demand, anomaly) and register it."""
     _logging("cli")
-    from shared.catalog import SPECS
     from shared.db import session_scope
-    from shared.training import train as train_model
+    from shared.models.catalog import SPECS
+    from shared.models.training import train as train_model
 
     if model not in SPECS:
         raise click.BadParameter(f"unknown model {model!r}; known: {', '.join(SPECS)}")
@@ -212,11 +212,11 @@ def bootstrap_demo(customers: int) -> None:
     _logging("cli")
     from sqlalchemy import text
 
-    from shared.catalog import SPECS
     from shared.db import get_engine, session_scope
     from shared.features import seed_customers
-    from shared.registry import production_versions
-    from shared.training import train as train_model
+    from shared.models.catalog import SPECS
+    from shared.models.registry import production_versions
+    from shared.models.training import train as train_model
 
     with session_scope() as session:
         has_customers = session.execute(text("SELECT EXISTS (SELECT 1 FROM customers)")).scalar()
@@ -238,7 +238,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     from shared.db import session_scope
-    from shared.registry import list_versions
+    from shared.models.registry import list_versions
 
     with session_scope() as session:
         for v in list_versions(session):
@@ -246,12 +246,104 @@ def models_list() -> None:
             click.echo(f"{v.name:10} v{v.version:<4} {v.stage:10} {v.kind:10} {metrics}")
 
 
+@models.command("register")
+@click.argument("name")
+@click.argument("artifact")
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "classifier", "regressor", "anomaly"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--schema", "schema_path", type=click.File("r"), help="Declared input schema (JSON).")
+@click.option(
+    "--sample", "sample_path", type=click.File("rb"), help="Rows like the training data (CSV)."
+)
+@click.option("--threshold", type=float, default=None, help="Binary decision threshold.")
+@click.option("--feature-table", default=None, help="Table for entity_ids and score jobs.")
+@click.option("--key", default=None, help="The feature table's integer key column (default id).")
+@click.option("--trust", "trusted", multiple=True, help="A skops type to trust (repeatable).")
+@click.option("--promote", is_flag=True, help="Make the new version production.")
+def models_register(
+    name: str,
+    artifact: str,
+    kind: str,
+    schema_path,  # type: ignore[no-untyped-def]
+    sample_path,
+    threshold: float | None,
+    feature_table: str | None,
+    key: str | None,
+    trusted: tuple[str, ...],
+    promote: bool,
+) -> None:
+    """Register ARTIFACT as a new version of NAME.
+
+    ARTIFACT is a .skops, .joblib or .pkl file, a local MLflow model directory, or an
+    MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH) resolved against
+    INFERQ_MLFLOW_TRACKING_URI.
+    """
+    from shared.db import session_scope
+    from shared.models.follow import from_mlflow
+    from shared.models.intake import IntakeError, Submission, register_artifact, sample_frame
+    from shared.models.registry import promote as promote_version
+
+    try:
+        sub = Submission(
+            name=name,
+            data=b"",
+            kind=kind,
+            schema=json.load(schema_path) if schema_path else None,
+            sample=sample_frame(sample_path.read()) if sample_path else None,
+            threshold=threshold,
+            feature_table=feature_table,
+            key=key,
+            trusted=list(trusted),
+        )
+        path = Path(artifact)
+        if path.is_file():
+            sub.data, sub.filename = path.read_bytes(), path.name
+        else:
+            from_mlflow(sub, artifact, _settings().mlflow_tracking_uri)
+        with session_scope() as session:
+            mv = register_artifact(session, sub)
+            if promote:
+                promote_version(session, name=name, version=mv.version)
+            version, stage = mv.version, mv.stage
+    except IntakeError as exc:
+        raise click.ClickException(f"{exc.field}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"schema: not JSON: {exc}") from None
+    click.echo(f"registered {name} v{version} ({stage})")
+
+
+@models.command("follow")
+@click.argument("name")
+@click.argument("uri")
+def models_follow(name: str, uri: str) -> None:
+    """Keep NAME's production version in step with an MLflow alias (models:/M@ALIAS).
+
+    Imports and promotes the version the alias points at now; beat then checks it every
+    INFERQ_MLFLOW_POLL_S.
+    """
+    from shared.db import session_scope
+    from shared.models.follow import follow
+    from shared.models.intake import IntakeError
+
+    try:
+        with session_scope() as session:
+            mv = follow(session, name, uri, _settings().mlflow_tracking_uri)
+            version = mv.version
+    except IntakeError as exc:
+        raise click.ClickException(f"{exc.field}: {exc}") from None
+    click.echo(f"{name} follows {uri}: v{version} is production")
+
+
 @models.command("promote")
 @click.argument("model")
 @click.argument("version", type=int)
 def models_promote(model: str, version: int) -> None:
     from shared.db import session_scope
-    from shared.registry import promote
+    from shared.models.registry import promote
 
     with session_scope() as session:
         try:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     bootstrap_api_key: str = Field("", description="Ensures an admin key with this value exists.")
     max_rows: int = Field(10_000, description="Rows per predict job.")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="Request body limit (413 past it).")
+    max_artifact_bytes: int = Field(
+        200 * 1024 * 1024, description="Body limit of an artifact upload (413 past it)."
+    )
     rate_limit_per_s: float = Field(2000.0, description="Token refill per key per second; 0 = off.")
     rate_limit_burst: int = Field(4000, description="Token bucket size per key.")
     registry_cache_s: float = Field(2.0, description="API cache of production versions, seconds.")
@@ -84,6 +87,14 @@ class Settings(BaseSettings):
 
     score_chunk_rows: int = Field(
         100_000, description="Rows per scoring chunk: the unit of work, memory and retry."
+    )
+
+    # MLflow (the [mlflow] extra)
+    mlflow_tracking_uri: str = Field(
+        "", description="MLflow tracking server that models:/ and runs:/ URIs resolve against."
+    )
+    mlflow_poll_s: float = Field(
+        30.0, description="How often beat checks followed MLflow aliases, seconds."
     )
 
     # Beat

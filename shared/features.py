@@ -1,21 +1,124 @@
-"""The churn feature table: deterministic demo data, and reads through the Redis feature cache."""
+"""Feature tables: a model's own table of entities, checked, read through the Redis cache.
+
+A model version may name a ``feature_table`` and its integer ``key`` column in its input
+schema: any table in inferq's database with a column per feature. ``entity_ids`` jobs read
+rows from it (through the feature cache) and score jobs scan it. The demo's ``customers``
+table, generated here deterministically, is one such table.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from redis import Redis
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
-from shared.catalog import CHURN_SCHEMA
 from shared.config import get_settings
 from shared.metrics import count
+from shared.models.catalog import CHURN_SCHEMA
 
-__all__ = ["generate_customers", "seed_customers", "load_features", "CUSTOMER_COLUMNS"]
+__all__ = [
+    "FeatureTable",
+    "check_table",
+    "unknown_entities",
+    "generate_customers",
+    "seed_customers",
+    "load_features",
+    "CUSTOMER_COLUMNS",
+]
+
+#: Column types a key may have (score jobs cut the key range into chunks).
+_INT_TYPES = {"smallint", "integer", "bigint"}
+_NUMERIC_TYPES = _INT_TYPES | {"numeric", "real", "double precision"}
+_TEXT_TYPES = {"text", "character varying", "character", "USER-DEFINED"}
+
+
+def quote(name: str) -> str:
+    """An SQL identifier, quoted (names come from checked schemas, never from requests)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """Where a model's entities live: ``table`` keyed by the integer column ``key``."""
+
+    table: str
+    key: str
+    columns: tuple[str, ...]
+
+    @classmethod
+    def of(cls, schema: Mapping[str, Any]) -> FeatureTable | None:
+        table = schema.get("feature_table")
+        if not table:
+            return None
+        return cls(table, schema.get("key") or "id", tuple(f["name"] for f in schema["features"]))
+
+    @property
+    def sql_name(self) -> str:
+        return ".".join(quote(part) for part in self.table.split("."))
+
+    @property
+    def cache_tag(self) -> str:
+        """Part of each cached row's key: the table and the columns read from it."""
+        digest = hashlib.sha256("\x1f".join(self.columns).encode()).hexdigest()[:12]
+        return f"{self.table}:{digest}"
+
+
+def check_table(
+    session: Session, table: str, key: str, features: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str]]:
+    """What keeps ``table`` from being the feature table of a model with ``features``:
+    (field, message) pairs naming the table, the key or the feature column."""
+    schema_name, _, name = table.rpartition(".")
+    rows = session.execute(
+        text(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = :t AND table_schema = COALESCE(:s, current_schema())"
+        ),
+        {"t": name, "s": schema_name or None},
+    ).all()
+    types = {c: t for c, t in rows}
+    if not types:
+        return [("feature_table", f"no table {table!r} in inferq's database")]
+    errors = []
+    if key not in types:
+        errors.append(("key", f"table {table!r} has no column {key!r}"))
+    elif types[key] not in _INT_TYPES:
+        errors.append(("key", f"key column {key!r} is {types[key]}; it must be an integer"))
+    want = {"int": _NUMERIC_TYPES, "float": _NUMERIC_TYPES, "bool": {"boolean"}, "str": _TEXT_TYPES}
+    for f in features:
+        col = f["name"]
+        if col not in types:
+            errors.append(("feature_table", f"table {table!r} lacks the feature column {col!r}"))
+        elif types[col] not in want[f["type"]]:
+            errors.append(
+                (
+                    "feature_table",
+                    f"column {col!r} of {table!r} is {types[col]}, not a {f['type']} column",
+                )
+            )
+    return errors
+
+
+def unknown_entities(
+    session: Session, ft: FeatureTable, ids: Sequence[int]
+) -> list[tuple[int, int]]:
+    """(position, id) of every id ``ft`` has no row for."""
+    known = set(
+        session.scalars(
+            text(f"SELECT {quote(ft.key)} FROM {ft.sql_name} WHERE {quote(ft.key)} = ANY(:ids)"),
+            {"ids": list(set(ids))},
+        )
+    )
+    return [(i, e) for i, e in enumerate(ids) if e not in known]
+
 
 CUSTOMER_COLUMNS = [f["name"] for f in CHURN_SCHEMA["features"]]
 _CATS = {f["name"]: f["categories"] for f in CHURN_SCHEMA["features"] if f["type"] == "str"}
@@ -103,7 +206,7 @@ def seed_customers(
 
 
 def load_features(
-    engine: Engine, redis: Redis, entity_ids: Sequence[int]
+    engine: Engine, redis: Redis, ft: FeatureTable, entity_ids: Sequence[int]
 ) -> dict[int, dict[str, Any]]:
     """Feature rows for ``entity_ids``, from the Redis cache where warm, else Postgres.
 
@@ -111,7 +214,7 @@ def load_features(
     ``INFERQ_FEATURE_CACHE_TTL_S``; a flushed cache only costs a query.
     """
     settings = get_settings()
-    keys = [settings.key("feat", "customers", i) for i in entity_ids]
+    keys = [settings.key("feat", ft.cache_tag, i) for i in entity_ids]
     found: dict[int, dict[str, Any]] = {}
     missing: list[int] = []
     for eid, raw in zip(entity_ids, redis.mget(keys), strict=True):
@@ -123,16 +226,27 @@ def load_features(
     count(pipe, "cache", "features", "hit", by=len(found))
     count(pipe, "cache", "features", "miss", by=len(missing))
     if missing:
-        sql = text(f"SELECT id, {', '.join(CUSTOMER_COLUMNS)} FROM customers WHERE id = ANY(:ids)")
+        cols = ", ".join(quote(c) for c in ft.columns)
+        sql = text(
+            f"SELECT {quote(ft.key)} AS __key, {cols} FROM {ft.sql_name} "
+            f"WHERE {quote(ft.key)} = ANY(:ids)"
+        )
         with engine.connect() as conn:
             rows = conn.execute(sql, {"ids": list(missing)}).mappings().all()
         for r in rows:
-            feats = {c: r[c] for c in CUSTOMER_COLUMNS}
-            found[r["id"]] = feats
+            feats = {c: _plain(r[c]) for c in ft.columns}
+            found[r["__key"]] = feats
             pipe.set(
-                settings.key("feat", "customers", r["id"]),
+                settings.key("feat", ft.cache_tag, r["__key"]),
                 json.dumps(feats),
                 ex=settings.feature_cache_ttl_s,
             )
     pipe.execute()
     return found
+
+
+def _plain(value: Any) -> Any:
+    """A column value as JSON has it (numeric columns come back as Decimal)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return float(value)

@@ -1,6 +1,7 @@
 """Online inference for a set of predict jobs: one vectorised call per model version.
 
-Jobs pinned to the same (model, version) are encoded together and predicted in one call,
+Jobs pinned to the same (model, version) are built into one model input (one DataFrame for
+a pipeline fitted on DataFrames, never one per row) and predicted in one call,
 then split back per job. A job whose rows break the call is isolated: the others are
 predicted again without it, so one bad job never fails its neighbours.
 """
@@ -15,20 +16,21 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from redis import Redis
 from sqlalchemy import Engine
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.features import load_features
-from shared.inputs import encode_rows
+from shared.features import FeatureTable, load_features
 from shared.jobs import JobRow
 from shared.metrics import count
+from shared.models.formats import ArtifactError
+from shared.models.registry import ArtifactIntegrityError, LoadedModel, ModelCache
+from shared.models.runtime import Output
+from shared.models.schema import row_key
 from shared.prepared import Statement
-from shared.registry import IntegrityError, LoadedModel, ModelCache
 
-__all__ = ["Outcome", "run_predict_jobs", "prediction_logs", "PREDICTION_LOGS"]
+__all__ = ["Outcome", "run_predict_jobs", "prediction_logs", "PREDICTION_LOGS", "prediction_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,12 @@ class Outcome:
 
 
 def _rows_for(
-    jobs: list[JobRow], engine: Engine, redis: Redis, out: Outcome
+    jobs: list[JobRow], model: LoadedModel, engine: Engine, redis: Redis, out: Outcome
 ) -> dict[uuid.UUID, list]:
-    """Each job's input rows; entity jobs read the feature table through the cache."""
+    """Each job's input rows; entity jobs read the model's feature table through the cache."""
     wanted = sorted({e for j in jobs for e in j.request.get("entity_ids") or []})
-    features = load_features(engine, redis, wanted) if wanted else {}
+    ft = FeatureTable.of(model.schema)
+    features = load_features(engine, redis, ft, wanted) if wanted and ft is not None else {}
     rows: dict[uuid.UUID, list] = {}
     for job in jobs:
         ids = job.request.get("entity_ids")
@@ -62,61 +65,69 @@ def _rows_for(
     return rows
 
 
-def _predict(
-    model: LoadedModel, rows: list[dict[str, Any]], redis: Redis
-) -> tuple[np.ndarray, Any]:
-    """Scores for ``rows``: from the prediction cache where present, the rest in one call.
+def prediction_rows(output: Output, classes: list[Any] | None = None) -> list[dict[str, Any]]:
+    """One result per row, as clients see it: ``score`` and ``label``, and for a
+    multi-class model ``scores``, the probability of each of ``classes``."""
+    scores = output.scores.tolist()
+    if output.labels is None:
+        return [{"score": s, "label": None} for s in scores]
+    labels = output.labels.tolist()
+    if output.proba is None:
+        return [{"score": s, "label": bool(b)} for s, b in zip(scores, labels, strict=True)]
+    names = [str(c) for c in classes or ()]
+    return [
+        {"score": s, "label": c, "scores": dict(zip(names, p, strict=True))}
+        for s, c, p in zip(scores, labels, output.proba.tolist(), strict=True)
+    ]
 
-    The cache is content-addressed: sha256 of model, version and the encoded feature row
-    (so 12 and 12.0 are one entry), and a promotion, being a new version, never meets an
-    entry of the old one.
+
+def _predict(model: LoadedModel, rows: list[dict[str, Any]], redis: Redis) -> list[dict[str, Any]]:
+    """Predictions for ``rows``: from the prediction cache where present, the rest in one call.
+
+    The cache is content-addressed: sha256 of model, version and the normalised feature
+    values (so 12 and 12.0 are one entry), and a promotion, being a new version, never
+    meets an entry of the old one.
     """
-    X = encode_rows(rows, model.schema)
     settings = get_settings()
     if settings.prediction_cache_ttl_s <= 0:
-        return model.predict(X)
+        return _fresh(model, rows)
+    schema = model.schema
     prefix = f"{model.name}:{model.version}:".encode()
-    keys = [settings.key("pred", hashlib.sha256(prefix + x.tobytes()).hexdigest()) for x in X]
+    keys = [
+        settings.key("pred", hashlib.sha256(prefix + row_key(r, schema)).hexdigest()) for r in rows
+    ]
     cached = redis.mget(keys)
-    n = len(keys)
-    scores = np.empty(n, dtype=np.float64)
-    labels = None if model.kind == "regressor" else np.empty(n, dtype=bool)
+    preds: list[Any] = [None] * len(rows)
     miss = []
     for i, value in enumerate(cached):
         if value is None:
             miss.append(i)
-            continue
-        raw = value if isinstance(value, bytes) else value.encode()
-        score, label = raw.split(b"|")
-        scores[i] = float(score)
-        if labels is not None:
-            labels[i] = label == b"1"
+        else:
+            preds[i] = json.loads(value)
     pipe = redis.pipeline(transaction=False)
-    count(pipe, "cache", "predictions", "hit", by=n - len(miss))
+    count(pipe, "cache", "predictions", "hit", by=len(rows) - len(miss))
     count(pipe, "cache", "predictions", "miss", by=len(miss))
     if miss:
-        fresh, fresh_labels = model.predict(X[miss])
-        scores[miss] = fresh
-        if labels is not None:
-            labels[miss] = fresh_labels
-        for j, i in enumerate(miss):
-            flag = "-" if labels is None else str(int(labels[i]))
-            pipe.set(keys[i], f"{float(fresh[j])!r}|{flag}", ex=settings.prediction_cache_ttl_s)
+        fresh = _fresh(model, [rows[i] for i in miss])
+        for i, pred in zip(miss, fresh, strict=True):
+            preds[i] = pred
+            pipe.set(keys[i], json.dumps(pred), ex=settings.prediction_cache_ttl_s)
     pipe.execute()
-    return scores, labels
+    return preds
 
 
-def _record(
-    out: Outcome, job: JobRow, model: LoadedModel, rows: list, scores: Any, labels: Any
-) -> None:
+def _fresh(model: LoadedModel, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return prediction_rows(model.predict_rows(rows), model.classes)
+
+
+def _record(out: Outcome, job: JobRow, model: LoadedModel, rows: list, preds: list) -> None:
     entity_ids = job.request.get("entity_ids")
-    preds = []
-    for i, score in enumerate(scores.tolist()):
-        label = None if labels is None else bool(labels[i])
-        pred: dict[str, Any] = {"score": score, "label": label}
+    multiclass = model.spec.multiclass
+    results = []
+    for i, pred in enumerate(preds):
         if entity_ids is not None:
-            pred["entity_id"] = entity_ids[i]
-        preds.append(pred)
+            pred = {**pred, "entity_id": entity_ids[i]}
+        results.append(pred)
         out.logs.append(
             {
                 "job_id": job.id,
@@ -124,11 +135,12 @@ def _record(
                 "model": model.name,
                 "version": model.version,
                 "inputs": rows[i],
-                "score": score,
-                "label": label,
+                "score": pred["score"],
+                "label": None if multiclass else pred["label"],
+                "predicted_class": str(pred["label"]) if multiclass else None,
             }
         )
-    out.results[job.id] = {"predictions": preds}
+    out.results[job.id] = {"predictions": results}
 
 
 def _model(models: ModelCache, name: str, version: int) -> LoadedModel:
@@ -144,18 +156,20 @@ def run_predict_jobs(
     engine: Engine, redis: Redis, models: ModelCache, jobs: list[JobRow]
 ) -> Outcome:
     out = Outcome()
-    rows = _rows_for(jobs, engine, redis, out)
     groups: dict[tuple[str, int], list[JobRow]] = defaultdict(list)
     for job in jobs:
-        if job.id in rows:
-            groups[(job.model, job.model_version or 0)].append(job)
-    for (name, version), group in groups.items():
+        groups[(job.model, job.model_version or 0)].append(job)
+    for (name, version), jobs_of_version in groups.items():
         try:
             model = _model(models, name, version)
-        except (LookupError, IntegrityError, OSError) as exc:
+        except (LookupError, ArtifactIntegrityError, ArtifactError, OSError) as exc:
             log.error("model %s v%s unavailable: %s", name, version, exc)
-            for job in group:
+            for job in jobs_of_version:
                 out.errors[job.id] = ("model_unavailable", f"{name} v{version}: {exc}")
+            continue
+        rows = _rows_for(jobs_of_version, model, engine, redis, out)
+        group = [j for j in jobs_of_version if j.id in rows]
+        if not group:
             continue
         # Capped by rows: a backlog of big jobs becomes several calls, not one huge one.
         cap = get_settings().batch_max_rows
@@ -176,7 +190,7 @@ def _predict_group(
 ) -> None:
     batch = [r for job in group for r in rows[job.id]]
     try:
-        scores, labels = _predict(model, batch, redis)
+        preds = _predict(model, batch, redis)
     except Exception:
         if len(group) == 1:
             job = group[0]
@@ -190,23 +204,16 @@ def _predict_group(
     start = 0
     for job in group:
         n = len(rows[job.id])
-        end = start + n
-        _record(
-            out,
-            job,
-            model,
-            rows[job.id],
-            scores[start:end],
-            None if labels is None else labels[start:end],
-        )
-        start = end
+        _record(out, job, model, rows[job.id], preds[start : start + n])
+        start += n
 
 
 PREDICTION_LOGS = Statement(
     "inferq_prediction_logs",
-    ("uuid[]", "int[]", "text[]", "int[]", "jsonb[]", "float8[]", "boolean[]"),
-    """INSERT INTO prediction_logs (job_id, row, model, version, inputs, score, label)
-    SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)
+    ("uuid[]", "int[]", "text[]", "int[]", "jsonb[]", "float8[]", "boolean[]", "text[]"),
+    """INSERT INTO prediction_logs
+        (job_id, row, model, version, inputs, score, label, predicted_class)
+    SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8)
     ON CONFLICT (job_id, row) DO NOTHING""",
     prepare=True,
 )
@@ -225,4 +232,5 @@ def prediction_logs(logs: list[dict[str, Any]]) -> tuple[Statement, tuple[list[A
         [json.dumps(r["inputs"]) for r in logs],
         [r["score"] for r in logs],
         [r["label"] for r in logs],
+        [r.get("predicted_class") for r in logs],
     )

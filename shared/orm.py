@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -29,7 +30,9 @@ __all__ = [
     "Base",
     "ApiKey",
     "Job",
+    "ModelArtifact",
     "ModelVersion",
+    "ModelFollow",
     "Customer",
     "Prediction",
     "PredictionLog",
@@ -112,8 +115,21 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class ModelArtifact(Base):
+    """An artifact's bytes, once per content: every process on every machine reads them
+    here (and caches them on local disk), verified against the sha256 before each load."""
+
+    __tablename__ = "model_artifacts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    format: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = _now()
+
+
 class ModelVersion(Base):
-    """A registered model version: artifact on disk, verified by sha256 before loading."""
+    """A registered model version: its artifact (by sha256), kind, input schema and stage."""
 
     __tablename__ = "model_versions"
     __table_args__ = (
@@ -131,19 +147,39 @@ class ModelVersion(Base):
     name: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(16))
-    artifact_path: Mapped[str] = mapped_column(Text)
-    sha256: Mapped[str] = mapped_column(String(64))
+    artifact_format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(ForeignKey("model_artifacts.sha256"))
     input_schema: Mapped[dict[str, Any]] = mapped_column(JSONB)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     threshold: Mapped[float | None] = mapped_column(Double, nullable=True)
+    #: A classifier's classes_, in order (the binary positive class is the second).
+    classes: Mapped[list[Any] | None] = mapped_column(JSONB, nullable=True)
+    #: Types outside skops' default trusted set that an admin approved at registration.
+    trusted_types: Mapped[list[Any]] = mapped_column(JSONB, default=list)
+    #: Where the artifact came from: a file name, an MLflow URI and version, a training run.
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
     training_window: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
     stage: Mapped[str] = mapped_column(String(16), default="staging")
     created_at: Mapped[datetime] = _now()
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class ModelFollow(Base):
+    """A model whose production version follows an MLflow registry alias."""
+
+    __tablename__ = "model_follows"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    uri: Mapped[str] = mapped_column(Text)
+    #: The MLflow model version last imported, so a sync imports each version once.
+    mlflow_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = _now()
+
+
 class Customer(Base):
-    """The churn feature table: one row per customer, the nine declared features."""
+    """The demo churn model's feature table: one row per customer, its nine features."""
 
     __tablename__ = "customers"
 
@@ -211,6 +247,8 @@ class Prediction(Base):
     version: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Double)
     label: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    #: A multi-class model's predicted class (``score`` is its probability).
+    predicted_class: Mapped[str | None] = mapped_column(Text, nullable=True)
     scored_at: Mapped[datetime] = _now()
 
 
@@ -231,4 +269,5 @@ class PredictionLog(Base):
     inputs: Mapped[dict[str, Any]] = mapped_column(JSONB)
     score: Mapped[float] = mapped_column(Double)
     label: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    predicted_class: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = _now()

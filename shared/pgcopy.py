@@ -46,9 +46,43 @@ def prediction_records(
     scores: np.ndarray,
     labels: np.ndarray | None,
     scored_at: datetime,
+    classes: np.ndarray | None = None,
 ) -> bytes:
     """A binary COPY stream for ``predictions (run_id, entity_id, model, version, score,
-    label, scored_at)``; a regressor's missing label is written as NULL."""
+    label, predicted_class, scored_at)``; a missing label or class is written as NULL.
+
+    A text field's width is its length, so rows are written in one block per distinct
+    class (row order means nothing to COPY).
+    """
+    if classes is None:
+        return (
+            HEADER
+            + _records(run_id, entity_ids, model, version, scores, labels, scored_at, None)
+            + TRAILER
+        )
+    text = classes.astype(str)
+    parts = [HEADER]
+    for value in np.unique(text):
+        rows = text == value
+        parts.append(
+            _records(
+                run_id, entity_ids[rows], model, version, scores[rows], None, scored_at, str(value)
+            )
+        )
+    parts.append(TRAILER)
+    return b"".join(parts)
+
+
+def _records(
+    run_id: bytes,
+    entity_ids: np.ndarray,
+    model: str,
+    version: int,
+    scores: np.ndarray,
+    labels: np.ndarray | None,
+    scored_at: datetime,
+    cls: str | None,
+) -> bytes:
     name = model.encode()
     fields = [
         ("n", ">i2"),
@@ -66,9 +100,13 @@ def prediction_records(
     ]
     if labels is not None:
         fields.append(("label", "u1"))
+    fields.append(("class_len", ">i4"))
+    encoded = cls.encode() if cls is not None else b""
+    if encoded:
+        fields.append(("cls", f"S{len(encoded)}"))
     fields += [("ts_len", ">i4"), ("ts", ">i8")]
     rec = np.empty(len(entity_ids), dtype=np.dtype(fields))
-    rec["n"] = 7
+    rec["n"] = 8
     rec["run_len"], rec["run"] = 16, np.frombuffer(run_id, dtype="V16")[0]
     rec["eid_len"], rec["eid"] = 8, entity_ids
     rec["model_len"], rec["model"] = len(name), name
@@ -78,6 +116,12 @@ def prediction_records(
         rec["label_len"], rec["label"] = 1, labels.astype(np.uint8)
     else:
         rec["label_len"] = -1
+    if cls is not None:
+        rec["class_len"] = len(encoded)
+        if encoded:
+            rec["cls"] = encoded
+    else:
+        rec["class_len"] = -1
     rec["ts_len"] = 8
     rec["ts"] = int((scored_at - PG_EPOCH).total_seconds() * 1_000_000)
-    return HEADER + rec.tobytes() + TRAILER
+    return rec.tobytes()

@@ -1,4 +1,5 @@
-"""Population scoring: every customer of a segment, read from and written back to Postgres.
+"""Population scoring: every entity of a segment of a model's feature table, read from and
+written back to Postgres.
 
 A run is planned once into id-range chunks (stored in ``scoring_chunks``), and the chunks
 are shared by every worker process on every machine. A chunk streams its rows out with a
@@ -9,6 +10,7 @@ chunk that completes the run finalizes it.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import uuid
@@ -21,10 +23,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from shared import pgcopy
-from shared.inputs import check_value
+from shared.features import FeatureTable, quote
 from shared.jobs import JobStatus
+from shared.models.registry import LoadedModel, get_version
+from shared.models.schema import check_value, model_input
 from shared.orm import Job, ScoringChunk, ScoringRun
-from shared.registry import LoadedModel
 
 __all__ = [
     "HIST_BINS",
@@ -45,7 +48,8 @@ MAX_SEGMENT_VALUES = 1000
 def validate_segment(segment: dict[str, Any], schema: dict[str, Any]) -> list[dict[str, Any]]:
     """Equality or IN filters on declared columns only; each problem names its field."""
     specs = {f["name"]: f for f in schema["features"]}
-    specs["id"] = {"name": "id", "type": "int", "min": 1}
+    key = schema.get("key") or "id"
+    specs[key] = {"name": key, "type": "int"}
     errors: list[dict[str, Any]] = []
     for name, value in segment.items():
         loc = ["body", "segment", name]
@@ -90,27 +94,91 @@ def _where(segment: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """SQL for a validated segment: column names are from the schema, values are bound."""
     parts, params = [], {}
     for i, (name, value) in enumerate(sorted(segment.items())):
+        col = quote(name).replace("%", "%%")  # the text goes through mogrify
         if isinstance(value, list):
-            parts.append(f"{name} = ANY(%(s{i})s)")
+            parts.append(f"{col} = ANY(%(s{i})s)")
         else:
-            parts.append(f"{name} = %(s{i})s")
+            parts.append(f"{col} = %(s{i})s")
         params[f"s{i}"] = value
     return " AND ".join(parts) or "TRUE", params
 
 
+def _binary_readable(schema: dict[str, Any]) -> bool:
+    """Whether every feature reads as float8 (numbers, booleans, categories as codes)."""
+    return all(f["type"] != "str" or f.get("categories") for f in schema["features"])
+
+
 def _select_features(schema: dict[str, Any]) -> str:
-    """Every feature as float8, categories as their index in the schema (-1 if unknown)."""
+    """Every feature as float8: NULL as NaN, booleans as 0/1, categories as their index in
+    the schema (-1 if unknown or NULL)."""
     cols = []
     for f in schema["features"]:
+        col = quote(f["name"])
         if f["type"] == "str":
             cats = ",".join("'" + c.replace("'", "''") + "'" for c in f["categories"])
             cols.append(
-                f"COALESCE(array_position(ARRAY[{cats}]::text[], {f['name']}::text) - 1, -1)"
-                "::float8"
+                f"COALESCE(array_position(ARRAY[{cats}]::text[], {col}::text) - 1, -1)::float8"
             )
+        elif f["type"] == "bool":
+            cols.append(f"COALESCE({col}::int::float8, 'NaN')")
         else:
-            cols.append(f"{f['name']}::float8")
+            cols.append(f"COALESCE({col}::float8, 'NaN')")
     return ", ".join(cols)
+
+
+def _model_input(model: LoadedModel, X: np.ndarray) -> Any:
+    """The codes matrix read by COPY as the model takes it."""
+    schema = model.schema
+    if schema.get("input") == "codes":
+        return X
+    columns: dict[str, np.ndarray] = {}
+    for j, f in enumerate(schema["features"]):
+        col = X[:, j]
+        if f["type"] == "str":
+            cats = np.empty(len(f["categories"]) + 1, dtype=object)
+            cats[:-1] = f["categories"]
+            cats[-1] = None  # code -1: NULL or a value outside the categories
+            columns[f["name"]] = cats[col.astype(np.int64)]
+        elif f["type"] == "bool" and not np.isnan(col).any():
+            columns[f["name"]] = col != 0
+        else:
+            columns[f["name"]] = col
+    return model_input(columns, schema)
+
+
+def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray, Any]:
+    """(entity ids, model input) of a chunk: a binary COPY parsed by numpy where every
+    feature reads as float8, else a CSV COPY parsed by pandas (free-text features)."""
+    schema = model.schema
+    ft = FeatureTable.of(schema)
+    assert ft is not None
+    if _binary_readable(schema):
+        query = query_of(f"{quote(ft.key)}::int8, {_select_features(schema)}")
+        buf = _Sink()
+        cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buf)
+        ids, X = pgcopy.read_float_rows(buf.getvalue(), len(schema["features"]))
+        return ids, (_model_input(model, X) if len(ids) else None)
+    import pandas as pd
+
+    names = [f["name"] for f in schema["features"]]
+    query = query_of(", ".join([f"{quote(ft.key)}::int8"] + [quote(n) for n in names]))
+    buf = _Sink()
+    cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT csv)", buf)
+    dtypes = {f["name"]: object for f in schema["features"] if f["type"] == "str"}
+    frame = pd.read_csv(
+        io.BytesIO(buf.getvalue()), header=None, names=["__key", *names], dtype=dtypes
+    )
+    columns: dict[str, np.ndarray] = {}
+    for f in schema["features"]:
+        series = frame[f["name"]]
+        if f["type"] == "str":
+            columns[f["name"]] = np.asarray(series.where(series.notna(), None), dtype=object)
+        elif f["type"] == "bool":
+            columns[f["name"]] = series.map({"t": True, "f": False}).to_numpy()
+        else:
+            columns[f["name"]] = series.to_numpy(dtype=np.float64)
+    ids = frame["__key"].to_numpy(dtype=np.int64)
+    return ids, (model_input(columns, schema) if len(ids) else None)
 
 
 def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
@@ -135,9 +203,15 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
     assert run is not None
     run.status = "running"  # a scheduled run is recorded as queued by beat
     if run.chunks_total == 0 and run.rows_total == 0:
+        mv = get_version(session, run.model, run.version)
+        ft = FeatureTable.of(mv.input_schema) if mv is not None else None
+        if ft is None:
+            raise LookupError(f"model {run.model!r} v{run.version} has no feature table")
         where, params = _where(run.segment)
         cur = session.connection().connection.cursor()
-        cur.execute(f"SELECT min(id), max(id), count(*) FROM customers WHERE {where}", params)
+        key = quote(ft.key)
+        condition = cur.mogrify(f"WHERE {where}", params).decode()
+        cur.execute(f"SELECT min({key}), max({key}), count(*) FROM {ft.sql_name} {condition}")
         lo, hi, total = cur.fetchone()  # type: ignore[misc]
         n = max(1, math.ceil(total / chunk_rows)) if total else 0
         if n:
@@ -186,36 +260,43 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
             raw.rollback()
             return ChunkOutcome.JOB_ENDED
         where, params = _where(segment)
-        query = cur.mogrify(
-            f"SELECT id::int8, {_select_features(model.schema)} FROM customers "
-            f"WHERE id BETWEEN %(lo)s AND %(hi)s AND {where}",
+        ft = FeatureTable.of(model.schema)
+        assert ft is not None
+
+        # Only the condition goes through mogrify: a '%' in a category or a column name
+        # stays a '%'.
+        condition = cur.mogrify(
+            f"WHERE {quote(ft.key).replace('%', '%%')} BETWEEN %(lo)s AND %(hi)s AND {where}",
             {**params, "lo": lo, "hi": hi},
         ).decode()
-        buf = _Sink()
-        cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buf)
-        ids, X = pgcopy.read_float_rows(buf.getvalue(), len(model.schema["features"]))
-        del buf
+
+        def query_of(columns: str) -> str:
+            return f"SELECT {columns} FROM {ft.sql_name} {condition}"
+
+        ids, X = _read_chunk(cur, model, query_of)
         n = len(ids)
         hist = [0] * HIST_BINS
         if n:
-            scores, labels = model.predict(X)
+            out = model.predict(X)
             del X
+            multiclass = out.proba is not None
             stream = pgcopy.prediction_records(
                 run_id=run_id.bytes,
                 entity_ids=ids,
                 model=model.name,
                 version=model.version,
-                scores=scores,
-                labels=labels,
+                scores=out.scores,
+                labels=None if multiclass else out.labels,
+                classes=out.labels if multiclass else None,
                 scored_at=datetime.now(UTC),
             )
             cur.copy_expert(
-                "COPY predictions (run_id, entity_id, model, version, score, label, scored_at) "
-                "FROM STDIN (FORMAT binary)",
+                "COPY predictions (run_id, entity_id, model, version, score, label, "
+                "predicted_class, scored_at) FROM STDIN (FORMAT binary)",
                 _Source(stream),
             )
-            if labels is not None:  # probabilities: a fixed 0..1 histogram
-                hist = np.histogram(scores, bins=HIST_BINS, range=(0.0, 1.0))[0].tolist()
+            if model.kind == "classifier":  # probabilities: a fixed 0..1 histogram
+                hist = np.histogram(out.scores, bins=HIST_BINS, range=(0.0, 1.0))[0].tolist()
         cur.execute(
             "UPDATE scoring_chunks SET rows = %s, histogram = %s::jsonb, done_at = now() "
             "WHERE run_id = %s AND chunk = %s",
@@ -277,11 +358,12 @@ def finalize(session: Session, run_id: uuid.UUID, *, public_url: str = "") -> di
 
 
 def latest_score(session: Session, entity_id: int) -> dict[str, Any] | None:
-    """A customer's latest score: one index probe of (entity_id, scored_at DESC)."""
+    """An entity's latest score: one index probe of (entity_id, scored_at DESC)."""
     row = (
         session.execute(
             text(
-                "SELECT run_id, model, version, score, label, scored_at FROM predictions "
+                "SELECT run_id, model, version, score, label, predicted_class, scored_at "
+                "FROM predictions "
                 "WHERE entity_id = :e ORDER BY scored_at DESC LIMIT 1"
             ),
             {"e": entity_id},

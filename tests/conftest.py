@@ -175,7 +175,7 @@ def stack() -> Iterator[Stack]:
     from shared.cli import migrate_db
     from shared.db import get_engine, session_scope
     from shared.features import seed_customers
-    from shared.training import train
+    from shared.models.training import train
 
     migrate_db()
     seed_customers(get_engine(), CUSTOMERS)

@@ -14,9 +14,9 @@ from sqlalchemy import select, update
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.inputs import encode_rows
+from shared.models.registry import ModelCache
+from shared.models.schema import encode_rows
 from shared.orm import Job, PredictionLog
-from shared.registry import ModelCache
 from tests.conftest import ROW, Stack, record_queued, submit, wait_done
 from workers.app import celery_app
 
@@ -72,7 +72,7 @@ def test_concurrent_jobs_are_batched_and_match_one_at_a_time(stack: Stack, clien
 
 
 def test_versions_are_never_mixed_in_one_batch(stack: Stack, client: httpx.Client) -> None:
-    from shared.training import train
+    from shared.models.training import train
 
     with session_scope() as session:
         v2 = train(session, "churn", promote="never", max_rows=2000)["version"]
@@ -123,7 +123,7 @@ def _cache_counts() -> tuple[float, float]:
 def test_cache_hit_returns_the_same_answer_and_promotion_invalidates(
     stack: Stack, client: httpx.Client, admin: httpx.Client
 ) -> None:
-    from shared.training import train
+    from shared.models.training import train
 
     row = {**ROW, "monthly_spend": 12345.67, "tenure_months": 77}
     hits0, misses0 = _cache_counts()

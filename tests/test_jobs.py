@@ -18,11 +18,11 @@ from tests.conftest import ROW, make_client, record_queued, submit, wait_done
 
 def _local_scores(rows: list[dict], version: int = 1) -> list[float]:
     """What the registered artifact itself predicts, loaded here independently of the worker."""
-    from shared.registry import ModelCache
+    from shared.models.registry import ModelCache
 
     with session_scope() as session:
         model = ModelCache().get(session, "churn", version)
-    from shared.inputs import encode_rows
+    from shared.models.schema import encode_rows
 
     scores, _ = model.predict(encode_rows(rows, model.schema))
     return scores.tolist()

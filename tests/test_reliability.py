@@ -127,9 +127,9 @@ def test_a_duplicate_message_for_a_running_job_does_nothing(
 
 
 def test_promotion_is_picked_up_by_the_running_worker(stack: Stack, admin: httpx.Client) -> None:
-    from shared.inputs import encode_rows
-    from shared.registry import ModelCache
-    from shared.training import train
+    from shared.models.registry import ModelCache
+    from shared.models.schema import encode_rows
+    from shared.models.training import train
 
     before = admin.get("/v1/models/churn").json()["production_version"]
     with session_scope() as session:  # a visibly different model: fewer rows

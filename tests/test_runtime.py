@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from shared.db import session_scope
-from shared.inputs import encode_rows
-from shared.registry import ModelCache, production_versions
-from shared.runtime import MAX_ABS_DIFF, agrees, sklearn_predictor, validation_sample
+from shared.models.registry import ModelCache, production_versions
+from shared.models.runtime import MAX_ABS_DIFF, Output, SklearnRuntime, agrees, validation_sample
+from shared.models.schema import encode_rows
 
 
 def _loaded(name: str):  # type: ignore[no-untyped-def]
@@ -39,7 +39,7 @@ def _random_rows(schema: dict, n: int, seed: int) -> list[dict]:
 def test_pipelines_that_convert_run_on_onnx_with_scikit_learns_answers(stack, name: str) -> None:  # type: ignore[no-untyped-def]
     model = _loaded(name)
     assert model.runtime == "onnx"
-    reference = sklearn_predictor(model.kind, model.estimator, model.threshold)
+    reference = SklearnRuntime(model.estimator, model.spec).predict
     X = encode_rows(_random_rows(model.schema, 2000, seed=7), model.schema)
     want, want_labels = reference(X)
     got, got_labels = model.predict(X)
@@ -51,7 +51,7 @@ def test_pipelines_that_convert_run_on_onnx_with_scikit_learns_answers(stack, na
 
 
 def test_the_isolation_forest_stays_on_scikit_learn(stack) -> None:  # type: ignore[no-untyped-def]
-    from shared.training import train
+    from shared.models.training import train
 
     with session_scope() as session:
         version = train(session, "anomaly", promote="never")["version"]
@@ -64,21 +64,21 @@ def test_the_isolation_forest_stays_on_scikit_learn(stack) -> None:  # type: ign
 
 def test_a_runtime_that_differs_by_more_than_the_tolerance_is_refused(stack) -> None:  # type: ignore[no-untyped-def]
     model = _loaded("churn")
-    reference = sklearn_predictor(model.kind, model.estimator, model.threshold)
+    reference = SklearnRuntime(model.estimator, model.spec)
     sample = validation_sample(model.schema)
 
-    def off_by(delta: float):  # type: ignore[no-untyped-def]
-        def predict(X: np.ndarray):  # type: ignore[no-untyped-def]
-            scores, labels = reference(X)
-            return scores + delta, labels
+    class Candidate:
+        name = "candidate"
 
-        return predict
+        def __init__(self, delta: float = 0.0, flip: bool = False) -> None:
+            self.delta, self.flip = delta, flip
 
-    assert agrees(reference, off_by(MAX_ABS_DIFF / 10), sample)
-    assert not agrees(reference, off_by(MAX_ABS_DIFF * 10), sample)
+        def predict(self, X: np.ndarray) -> Output:
+            scores, labels = reference.predict(X)
+            assert labels is not None
+            return Output(scores + self.delta, ~labels if self.flip else labels)
 
-    def flipped(X: np.ndarray):  # type: ignore[no-untyped-def]
-        scores, labels = reference(X)
-        return scores, ~labels
-
-    assert not agrees(reference, flipped, sample)  # same scores, other decisions
+    assert agrees(reference, Candidate(MAX_ABS_DIFF / 10), sample)
+    assert not agrees(reference, Candidate(MAX_ABS_DIFF * 10), sample)
+    # Same scores, other decisions.
+    assert not agrees(reference, Candidate(flip=True), sample)

@@ -204,8 +204,8 @@ def test_nightly_run_is_a_job_and_happens_once_per_night(stack: Stack, admin: ht
     from workers.beat import schedule
     from workers.tasks.maintenance import nightly_score, schedule_nightly_run
 
-    entry = schedule(__import__("shared.config").config.get_settings())["nightly-churn-scoring"]
-    assert entry["task"] == "ops.nightly_score" and entry["kwargs"] == {"model": "churn"}
+    entry = schedule(__import__("shared.config").config.get_settings())["nightly-scoring"]
+    assert entry["task"] == "ops.nightly_score" and "kwargs" not in entry  # every model
     assert str(entry["schedule"].hour) == "{2}" and str(entry["schedule"].minute) == "{0}"
     assert "ops.nightly_score" in celery_app.tasks
 
@@ -219,10 +219,14 @@ def test_nightly_run_is_a_job_and_happens_once_per_night(stack: Stack, admin: ht
     assert job["result"]["rows_scored"] == CUSTOMERS
     listed = [j["id"] for j in admin.get("/v1/jobs", params={"type": "score"}).json()["items"]]
     assert str(first) in listed
-    # The task itself, called as beat calls it, records tonight's run.
-    tonight = nightly_score.apply(kwargs={"model": "churn"}).get()
-    assert tonight is not None
-    assert wait_done(admin, tonight, timeout=120)["status"] == "succeeded"
+    # The task itself, called as beat calls it, records tonight's run of every model with
+    # a feature table.
+    tonight = nightly_score.apply().get()
+    assert tonight
+    runs = [wait_done(admin, j, timeout=120) for j in tonight]
+    assert all(r["status"] == "succeeded" for r in runs)
+    assert "churn" in {r["model"] for r in runs}
+    assert nightly_score.apply().get() == []
     assert nightly_score.apply(kwargs={"model": "churn"}).get() is None
 
 

@@ -31,13 +31,19 @@ def schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "schedule": s.sweep_every_s,
             "options": {"queue": "ops", "expires": s.sweep_every_s},
         },
-        # Every customer re-scored each night; a unique key per model and night in Postgres
-        # makes a second beat (or a retry) a no-op.
-        "nightly-churn-scoring": {
+        # Every model with a feature table re-scores its whole table each night; a unique
+        # key per model and night in Postgres makes a second beat (or a retry) a no-op.
+        "nightly-scoring": {
             "task": "ops.nightly_score",
             "schedule": _cron(s.nightly_score_cron),
-            "kwargs": {"model": "churn"},
             "options": {"queue": "ops"},
+        },
+        # Models that follow an MLflow alias (inferq models follow): a moved alias is
+        # imported and promoted.
+        "mlflow-sync": {
+            "task": "ops.mlflow_sync",
+            "schedule": s.mlflow_poll_s,
+            "options": {"queue": "ops", "expires": s.mlflow_poll_s},
         },
         "prune-prediction-logs": {
             "task": "ops.prune_prediction_logs",

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from shared.config import get_settings
 from shared.db import relax_commits, session_scope
-from shared.registry import ModelCache
+from shared.models.registry import ModelCache
 
 __all__ = ["models", "redis_client", "worker_name"]
 

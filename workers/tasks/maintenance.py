@@ -12,8 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import JobStatus
+from shared.models.registry import list_versions, production_versions
 from shared.orm import Job, PredictionLog, ScoringRun
-from shared.registry import production_versions
 from workers.app import celery_app
 from workers.dispatch import enqueue
 
@@ -112,10 +112,26 @@ def schedule_nightly_run(model: str, night: date) -> uuid.UUID | None:
     return job.id
 
 
+def scorable_models() -> list[str]:
+    """Models whose production version names a feature table: the nightly run's models."""
+    with session_scope() as session:
+        prod = production_versions(session)
+        return sorted(
+            v.name
+            for v in list_versions(session)
+            if prod.get(v.name) == v.version and v.input_schema.get("feature_table")
+        )
+
+
 @celery_app.task(name="ops.nightly_score", queue="ops")
-def nightly_score(model: str = "churn") -> str | None:
-    job_id = schedule_nightly_run(model, datetime.now(UTC).date())
-    return str(job_id) if job_id else None
+def nightly_score(model: str | None = None) -> str | list[str] | None:
+    """Tonight's run of ``model``, or of every model with a feature table (their job ids;
+    None or fewer ids for runs that exist already)."""
+    night = datetime.now(UTC).date()
+    if model is not None:
+        job_id = schedule_nightly_run(model, night)
+        return str(job_id) if job_id else None
+    return [str(j) for m in scorable_models() if (j := schedule_nightly_run(m, night))]
 
 
 @celery_app.task(name="ops.prune_prediction_logs", queue="ops")
@@ -127,3 +143,16 @@ def prune_prediction_logs() -> int:
         n = result.rowcount  # type: ignore[attr-defined]
     log.info("pruned %d prediction logs older than %d days", n, days)
     return int(n or 0)
+
+
+@celery_app.task(name="ops.mlflow_sync", queue="ops")
+def mlflow_sync() -> int:
+    """Follow MLflow aliases: import and promote versions an alias has moved to."""
+    from shared.orm import ModelFollow
+
+    with session_scope() as session:
+        if session.scalar(select(ModelFollow.name).limit(1)) is None:
+            return 0  # nothing followed: MLflow is never imported
+    from shared.models.follow import sync_follows
+
+    return len(sync_follows(session_scope, get_settings().mlflow_tracking_uri))

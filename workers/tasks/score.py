@@ -16,8 +16,9 @@ from shared.config import get_settings
 from shared.db import get_engine, session_scope
 from shared.jobs import JobStatus
 from shared.logs import job_context
+from shared.models.formats import ArtifactError
+from shared.models.registry import ArtifactIntegrityError
 from shared.orm import ScoringChunk, ScoringRun
-from shared.registry import IntegrityError
 from shared.scoring import ChunkOutcome, finalize, plan, score_chunk
 from workers.app import celery_app
 from workers.runtime import models, redis_client, worker_name
@@ -71,9 +72,14 @@ def run(self, job_id: str) -> int:  # type: ignore[no-untyped-def]
                 todo = None
             else:
                 ended = []
-                todo = [
-                    c.chunk for c in plan(session, job, chunk_rows=get_settings().score_chunk_rows)
-                ]
+                try:
+                    chunks = plan(session, job, chunk_rows=get_settings().score_chunk_rows)
+                except LookupError as exc:  # the version lost its feature table
+                    session.rollback()
+                    failed = jobstore.fail(session, jid, code="model_unavailable", message=str(exc))
+                    ended = [failed] if failed else []
+                    chunks = None
+                todo = None if chunks is None else [c.chunk for c in chunks]
         jobstore.mirror(redis_client(), ended)
         if todo is None:
             return 0
@@ -112,12 +118,21 @@ def chunk(self, run_id: str, chunk_no: int) -> str:  # type: ignore[no-untyped-d
         try:
             with session_scope() as session:
                 model = models.get(session, name, version)
-            outcome = score_chunk(get_engine(), model, rid, chunk_no)
-        except (LookupError, IntegrityError, OSError) as exc:
+        except (LookupError, ArtifactIntegrityError, ArtifactError, OSError) as exc:
             _fail(rid, "model_unavailable", f"{name} v{version}: {exc}")
             return "failed"
+        try:
+            outcome = score_chunk(get_engine(), model, rid, chunk_no)
         except SoftTimeLimitExceeded:
             _fail(rid, "timeout", f"chunk {chunk_no} exceeded its time limit")
+            return "failed"
+        except (OperationalError, RedisConnectionError):
+            raise  # retried
+        except Exception as exc:
+            # The model could not score these rows: a bug in the data or the model, not
+            # worth a retry, and the run cannot succeed without the chunk.
+            log.exception("chunk %s could not be scored", chunk_no)
+            _fail(rid, "prediction_failed", f"chunk {chunk_no}: {type(exc).__name__}: {exc}")
             return "failed"
         if outcome != ChunkOutcome.JOB_ENDED:
             _close(rid)

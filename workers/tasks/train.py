@@ -14,8 +14,8 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import JobStatus
 from shared.logs import job_context
+from shared.models.training import NotEnoughDataError, train
 from shared.orm import Job
-from shared.training import NotEnoughDataError, train
 from workers.app import celery_app
 from workers.runtime import redis_client, worker_name
 

@@ -1,4 +1,4 @@
-"""Training new model versions and the promotion policy."""
+"""Training new versions of the built-in models, and the promotion policy."""
 
 from __future__ import annotations
 
@@ -10,41 +10,47 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared import registry
-from shared.catalog import SPECS, build_pipeline, evaluate, split, synthetic_training_data
-from shared.features import CUSTOMER_COLUMNS
-from shared.inputs import encode_rows
+from shared.models import registry
+from shared.models.catalog import SPECS, ModelSpec, build_pipeline, evaluate, split
+from shared.models.schema import encode_rows
 
 __all__ = ["train", "PROMOTE_POLICIES", "NotEnoughDataError"]
 
 log = logging.getLogger(__name__)
 PROMOTE_POLICIES = ("never", "if_better", "always")
+#: Labelled rows a table-trained model needs at least.
+MIN_ROWS = 200
 
 
 class NotEnoughDataError(ValueError):
     """The feature table holds too few labelled rows to train on."""
 
 
-def _churn_data(session: Session, max_rows: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    cols = ", ".join(CUSTOMER_COLUMNS)
+def _table_data(
+    session: Session, spec: ModelSpec, max_rows: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Features and labels from the spec's feature table (its ``label`` column)."""
+    schema = spec.schema
+    table, key, label = schema["feature_table"], schema["key"], spec.label
+    cols = ", ".join(f'"{f["name"]}"' for f in schema["features"])
     rows = (
         session.execute(
             text(
-                f"SELECT {cols}, churned, updated_at FROM customers "
-                "WHERE churned IS NOT NULL ORDER BY id LIMIT :n"
+                f'SELECT {cols}, "{label}" AS label, updated_at FROM "{table}" '
+                f'WHERE "{label}" IS NOT NULL ORDER BY "{key}" LIMIT :n'
             ),
             {"n": max_rows},
         )
         .mappings()
         .all()
     )
-    if len(rows) < 200:
+    if len(rows) < MIN_ROWS:
         raise NotEnoughDataError(
-            f"churn needs at least 200 labelled customers, found {len(rows)}; "
+            f"{spec.name} needs at least {MIN_ROWS} labelled rows in {table}, found {len(rows)}; "
             "run `inferq seed --customers N`"
         )
-    X = encode_rows([dict(r) for r in rows], SPECS["churn"].schema)
-    y = np.fromiter((r["churned"] for r in rows), dtype=np.int8, count=len(rows))
+    X = encode_rows([dict(r) for r in rows], schema)
+    y = np.fromiter((r["label"] for r in rows), dtype=np.int8, count=len(rows))
     stamps = [r["updated_at"] for r in rows]
     window = {"rows": len(rows), "from": min(stamps).isoformat(), "to": max(stamps).isoformat()}
     return X, y, window
@@ -57,23 +63,25 @@ def train(
     if promote not in PROMOTE_POLICIES:
         raise ValueError(f"promote must be one of {PROMOTE_POLICIES}")
     spec = SPECS[name]
-    if name == "churn":
-        X, y, window = _churn_data(session, max_rows)
+    if spec.label is not None:
+        X, y, window = _table_data(session, spec, max_rows)
     else:
-        X, y = synthetic_training_data(name)
+        assert spec.synthetic is not None
+        X, y = spec.synthetic(20_000, 7)
         window = {"rows": len(X), "synthetic": True, "at": datetime.now(UTC).isoformat()}
     X_train, X_val, y_train, y_val = split(X, y)
     pipeline = build_pipeline(spec.schema, spec.estimator())
     pipeline.fit(X_train, y_train)
     metrics = evaluate(spec.kind, pipeline, X_val, y_val)
-    mv = registry.register(
+    mv = registry.register_estimator(
         session,
+        estimator=pipeline,
         name=name,
         kind=spec.kind,
-        estimator=pipeline,
         schema=spec.schema,
         metrics=metrics,
         threshold=spec.threshold,
+        source={"trained_by": "inferq"},
         training_window=window,
     )
     current = registry.production_versions(session).get(name)

@@ -1,9 +1,11 @@
-"""The built-in models: their input schemas, training data and pipelines.
+"""The built-in demo models: their input schemas, training data and pipelines.
 
-Three kinds show the service is general: ``churn`` (classifier, trained on the
-``customers`` table), ``demand`` (regressor) and ``anomaly`` (IsolationForest), the last two
-on synthetic data generated here. Pipelines take the float matrix of
-``shared.inputs.encode_rows`` (categories as codes), so inference needs no DataFrame.
+Three kinds show the service at work: ``churn`` (classifier, trained on the ``customers``
+table), ``demand`` (regressor) and ``anomaly`` (IsolationForest), the last two on synthetic
+data generated here. Once trained they are ordinary registered versions: nothing outside
+this module and ``shared.models.training`` knows their names. Their pipelines take the
+``codes`` input (``shared.models.schema``: categories as indices), so inference needs no
+DataFrame and onnxruntime can run them.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-__all__ = ["ModelSpec", "SPECS", "CHURN_SCHEMA", "KINDS", "build_pipeline", "evaluate"]
+__all__ = ["ModelSpec", "SPECS", "CHURN_SCHEMA", "KINDS", "build_pipeline", "evaluate", "split"]
 
 KINDS = ("classifier", "regressor", "anomaly")
 
 CHURN_SCHEMA: dict[str, Any] = {
-    "entity_table": "customers",
+    "input": "codes",
+    "feature_table": "customers",
+    "key": "id",
     "features": [
         {"name": "tenure_months", "type": "int", "min": 1, "max": 120},
         {"name": "monthly_spend", "type": "float", "min": 0, "max": 100_000},
@@ -41,7 +45,7 @@ CHURN_SCHEMA: dict[str, Any] = {
 }
 
 DEMAND_SCHEMA: dict[str, Any] = {
-    "entity_table": None,
+    "input": "codes",
     "features": [
         {"name": "price", "type": "float", "min": 0.01, "max": 10_000},
         {"name": "promo", "type": "int", "min": 0, "max": 1},
@@ -52,7 +56,7 @@ DEMAND_SCHEMA: dict[str, Any] = {
 }
 
 ANOMALY_SCHEMA: dict[str, Any] = {
-    "entity_table": None,
+    "input": "codes",
     "features": [
         {"name": "amount", "type": "float", "min": 0, "max": 1_000_000},
         {"name": "hour", "type": "int", "min": 0, "max": 23},
@@ -100,13 +104,19 @@ def evaluate(
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A built-in model: its kind, input schema, estimator factory and decision threshold."""
+    """A built-in model: its kind, input schema, estimator factory and decision threshold.
+
+    It learns from its feature table's ``label`` column where it names one, else from
+    ``synthetic(n, seed)``: (X, y or None) in the codes encoding.
+    """
 
     name: str
     kind: str
     schema: dict[str, Any]
     estimator: Callable[[], Any]
     threshold: float | None = None
+    label: str | None = None
+    synthetic: Callable[[int, int], tuple[Any, Any]] | None = None
 
 
 def _synthetic_demand(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,24 +159,19 @@ SPECS: dict[str, ModelSpec] = {
         CHURN_SCHEMA,
         lambda: LogisticRegression(max_iter=500, C=1.0),
         threshold=0.5,
+        label="churned",
     ),
-    "demand": ModelSpec("demand", "regressor", DEMAND_SCHEMA, lambda: Ridge(alpha=1.0)),
+    "demand": ModelSpec(
+        "demand", "regressor", DEMAND_SCHEMA, lambda: Ridge(alpha=1.0), synthetic=_synthetic_demand
+    ),
     "anomaly": ModelSpec(
         "anomaly",
         "anomaly",
         ANOMALY_SCHEMA,
         lambda: IsolationForest(n_estimators=100, contamination=0.02, random_state=0),
+        synthetic=lambda n, seed: (_synthetic_transactions(n, seed), None),
     ),
 }
-
-
-def synthetic_training_data(name: str, *, n: int = 20_000, seed: int = 7) -> tuple[Any, Any]:
-    """Training data for the models that do not learn from a table."""
-    if name == "demand":
-        return _synthetic_demand(n, seed)
-    if name == "anomaly":
-        return _synthetic_transactions(n, seed), None
-    raise KeyError(name)
 
 
 def split(X: np.ndarray, y: np.ndarray | None, seed: int = 0) -> tuple[Any, Any, Any, Any]:
