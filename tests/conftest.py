@@ -40,7 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
     _base = Path(tempfile.mkdtemp(prefix="inferq-test-"))
-    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, isolated_env
 
     db_url = os.environ.get("INFERQ_TEST_DATABASE_URL")
     if not db_url:
@@ -70,6 +70,9 @@ def pytest_configure(config: pytest.Config) -> None:
             # Callback receivers in the tests listen on loopback.
             "INFERQ_CALLBACK_ALLOW_PRIVATE": "true",
             "INFERQ_CALLBACK_SECRET": "test-callback-secret",
+            # Every process of the suite knows where the MLflow server of test_mlflow.py
+            # will listen; it starts only when those tests run.
+            "INFERQ_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
         }
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,26 +17,23 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from shared.embedded import free_port
+
 __all__ = ["MlflowServer"]
 
 START_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class MlflowServer:
-    """``mlflow server`` on a free loopback port, one uvicorn worker, no job runner."""
+    """``mlflow server`` on a loopback port (``port``, or a free one), one uvicorn worker,
+    no job runner."""
 
-    def __init__(self, base_dir: Path, backend_store_uri: str) -> None:
+    def __init__(self, base_dir: Path, backend_store_uri: str, port: int = 0) -> None:
         self.base_dir = Path(base_dir)
         self.backend_store_uri = backend_store_uri
         self.log_path = self.base_dir / "mlflow-server.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
+        self.port = port
 
     @property
     def tracking_uri(self) -> str:
@@ -65,7 +61,7 @@ class MlflowServer:
         """Start the server; return its tracking URI once ``/health`` answers."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._check_backend()
-        self.port = _free_port()
+        self.port = self.port or free_port()
         env = {
             **os.environ,
             # With a SQL backend the server would also start a huey job runner (GenAI jobs),

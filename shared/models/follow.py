@@ -54,6 +54,9 @@ def from_mlflow(sub: Submission, ref: str, tracking_uri: str) -> None:
     sub.data, sub.fmt, sub.signature = found.data, found.format, found.signature
     sub.source = {**found.source, **(sub.source or {})}
     sub.filename = None
+    # A skops model in MLflow names the types its registrant trusted (MLflow refuses to
+    # log it otherwise); importing from that registry takes their word for it.
+    sub.trusted = [*sub.trusted, *(found.source.get("skops_trusted_types") or [])]
 
 
 def _imported(session: Session, name: str, mlflow_version: str | None) -> ModelVersion | None:
