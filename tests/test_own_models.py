@@ -165,11 +165,13 @@ def test_an_isolation_forest_flags_anomalies(stack: Stack, admin, client) -> Non
 
 
 def _create_table(name: str, frame: pd.DataFrame, *, drop: tuple[str, ...] = ()) -> None:
+    """A table of the data team's own, in a schema of its own (outside inferq's)."""
     cols = [c for c in FEATURES if c not in drop]
     types = {"age": "integer", "income": "double precision", "plan": "text", "region": "text"}
     types["tickets"] = "smallint"
     ddl = ", ".join(f"{c} {types[c]} NOT NULL" for c in cols)
     with get_engine().begin() as conn:
+        conn.execute(text("CREATE SCHEMA IF NOT EXISTS userdata"))
         conn.execute(text(f"CREATE TABLE {name} (account_id bigint PRIMARY KEY, {ddl})"))
         raw = conn.connection.dbapi_connection
         cur = raw.cursor()
@@ -184,7 +186,7 @@ def _io(s: str):
 
 
 def test_a_score_job_over_the_models_own_feature_table(stack: Stack, admin, client, gbt) -> None:
-    table = unique("accounts").replace("-", "_")
+    table = "userdata." + unique("accounts").replace("-", "_")
     frame = accounts(25_000, seed=2)  # three chunks of 10,000 ids
     _create_table(table, frame)
     name = unique("gbt-table")
@@ -328,7 +330,7 @@ def test_bad_artifacts_are_refused(stack: Stack, admin, data, gbt) -> None:
 def test_a_feature_table_that_lacks_a_feature_column_is_refused(
     stack: Stack, admin, data, gbt
 ) -> None:
-    table = unique("partial").replace("-", "_")
+    table = "userdata." + unique("partial").replace("-", "_")
     _create_table(table, accounts(10, seed=4), drop=("region",))
     blob, untrusted = skops_bytes(gbt)
     name = unique("bad")

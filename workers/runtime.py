@@ -35,13 +35,16 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _warm() -> None:
+def _report() -> None:
+    """Readiness: /readyz counts these keys to know that some worker is alive."""
     try:
-        # Readiness: /readyz counts these keys to know that some worker is alive.
         s = get_settings()
         redis_client().set(s.key("worker", worker_name()), "1", ex=max(30, int(3 * s.model_poll_s)))
     except Exception:
         log.warning("could not report to Redis", exc_info=True)
+
+
+def _preload() -> None:
     try:
         with session_scope() as session:
             loaded = models.warm(session)
@@ -52,10 +55,14 @@ def _warm() -> None:
 
 
 def _watch_promotions() -> None:
-    """Preload each newly promoted version, so the first job on it never pays the load."""
+    """Preload every production version at once, then each newly promoted one, so the first
+    job on it never pays the load; and renew this process's heartbeat."""
     interval = get_settings().model_poll_s
-    while not _stop.wait(interval):
-        _warm()
+    while True:
+        _preload()
+        if _stop.wait(interval):
+            return
+        _report()
 
 
 @worker_process_init.connect
@@ -65,7 +72,10 @@ def _init_process(**_: object) -> None:
     relax_commits()
     redis_client.cache_clear()
     threadpool_limits(1)
-    _warm()
+    _report()
+    # Loading happens beside the pool, never in this hook: the pool waits only a few
+    # seconds (worker_proc_alive_timeout) for a new child to come up, and a deployment
+    # with many models would have its children killed and restarted in a loop.
     threading.Thread(target=_watch_promotions, name="promotion-watcher", daemon=True).start()
 
 

@@ -286,6 +286,7 @@ class ModelCache:
     def __init__(self) -> None:
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._lock = threading.Lock()
+        self._unloadable: set[tuple[str, int]] = set()  # logged once, not every poll
 
     def cached(self, name: str, version: int) -> LoadedModel | None:
         """The version if this process has loaded it already, else None (no database)."""
@@ -311,11 +312,13 @@ class ModelCache:
         """Load every production version not yet in memory; returns what was loaded."""
         loaded = []
         for name, version in production_versions(session).items():
-            if (name, version) not in self._models:
+            key = (name, version)
+            if key not in self._models and key not in self._unloadable:
                 try:
                     self.get(session, name, version)
                 except (LookupError, ArtifactIntegrityError, formats.ArtifactError) as exc:
                     log.error("could not preload %s v%s: %s", name, version, exc)
+                    self._unloadable.add(key)
                     continue
-                loaded.append((name, version))
+                loaded.append(key)
         return loaded
