@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -87,9 +88,41 @@ class Principal:
     rate_limit_per_s: float | None
 
 
-#: Key hash → (principal, expiry). A revoked key stops working within this many seconds.
+#: A revoked key stops working within this many seconds.
 _KEY_CACHE_S = 10.0
-_key_cache: dict[str, tuple[Principal | None, float]] = {}
+#: Keys remembered at most: a stream of random tokens must not grow the process.
+_KEY_CACHE_MAX = 10_000
+
+
+class KeyCache:
+    """Key hash → principal (None for an unknown key), for ``ttl`` seconds, at most ``size``
+    entries; the oldest entry goes first."""
+
+    def __init__(self, ttl: float = _KEY_CACHE_S, size: int = _KEY_CACHE_MAX) -> None:
+        self.ttl, self.size = ttl, size
+        self._entries: OrderedDict[str, tuple[Principal | None, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: str) -> tuple[bool, Principal | None]:
+        """(found, principal)."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return False, None
+        if entry[1] <= time.monotonic():
+            del self._entries[digest]
+            return False, None
+        return True, entry[0]
+
+    def put(self, digest: str, principal: Principal | None) -> None:
+        self._entries[digest] = (principal, time.monotonic() + self.ttl)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+_key_cache = KeyCache()
 
 
 def _lookup(value: str) -> Principal | None:
@@ -111,13 +144,10 @@ async def _authenticate(request: Request) -> Principal:
             headers={"WWW-Authenticate": "Bearer"},
         )
     digest = keys.hash_key(value)
-    cached = _key_cache.get(digest)
-    now = time.monotonic()
-    if cached is not None and cached[1] > now:
-        principal = cached[0]
-    else:
+    found, principal = _key_cache.get(digest)
+    if not found:
         principal = await run_in_threadpool(_lookup, value)
-        _key_cache[digest] = (principal, now + _KEY_CACHE_S)
+        _key_cache.put(digest, principal)
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import redis_async, redis_sync
 from api.fastpath import BodyTooLargeError, FastPath
 from api.routes import jobs, models, ops
-from api.submitter import BrokerUnavailableError, DatabaseUnavailableError
+from api.submitter import BrokerUnavailableError, DatabaseUnavailableError, JobRejectedError
 from api.waiter import waiter
 from shared import keys
 from shared.config import get_settings
@@ -103,6 +103,27 @@ class BodyLimitMiddleware:
         await response({"type": "http"}, _no_receive, send)
 
 
+class JsonOnlyMiddleware:
+    """415 for a submit whose Content-Type is not JSON (a missing one is taken as JSON), on
+    the fast path and FastAPI's alike."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/jobs":
+            for name, value in scope["headers"]:
+                if name == b"content-type":
+                    media = value.split(b";", 1)[0].strip().lower()
+                    if media != b"application/json" and not media.endswith(b"+json"):
+                        response = JSONResponse(
+                            {"detail": "Content-Type must be application/json"}, status_code=415
+                        )
+                        return await response(scope, receive, send)
+                    break
+        await self.app(scope, receive, send)
+
+
 class ObserveMiddleware:
     """Request latency by route template and status (plain ASGI: no per-request task)."""
 
@@ -163,6 +184,16 @@ def _unavailable(what: str):  # type: ignore[no-untyped-def]
     return handler
 
 
+async def _rejected(request: Request, exc: JobRejectedError) -> JSONResponse:
+    detail = [{"type": "value_error", "loc": ["body"], "msg": str(exc), "input": None}]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+    # Only the JSON parser recurses on a client's input (everything after it checks depth).
+    return JSONResponse({"detail": "request body is nested too deeply"}, status_code=400)
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "internal error"}, status_code=500)
@@ -213,6 +244,8 @@ def create_api() -> FastAPI:
     for what, errors in down.items():
         for exc in errors:
             app.add_exception_handler(exc, _unavailable(what))
+    app.add_exception_handler(RecursionError, _too_deep)  # type: ignore[arg-type]
+    app.add_exception_handler(JobRejectedError, _rejected)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
     return app
 
@@ -225,7 +258,7 @@ def create_app() -> ASGIApp:
     api = create_api()
     inner: ASGIApp = FastPath(api, api=api) if settings.fast_path else api
     return BodyLimitMiddleware(
-        ObserveMiddleware(inner),
+        ObserveMiddleware(JsonOnlyMiddleware(inner)),
         limit=settings.max_body_bytes,
         upload_limit=settings.max_artifact_bytes,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -24,10 +24,12 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["predict", "score", "train"] = "predict"
-    model: str = Field(min_length=1, max_length=64)
-    version: StrictInt | None = Field(None, ge=1, description="Pin a version; default production.")
+    model: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: StrictInt | None = Field(
+        None, ge=1, le=2**31 - 1, description="Pin a version; default production."
+    )
     inputs: list[Any] | None = Field(None, description="predict: feature rows, one object each.")
-    entity_ids: list[StrictInt] | None = Field(
+    entity_ids: list[Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]] | None = Field(
         None, description="predict: ids in the model's feature table, instead of inputs."
     )
     segment: dict[str, Any] | None = Field(None, description="score: equality / IN filters.")

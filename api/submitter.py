@@ -45,6 +45,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "BrokerUnavailableError",
     "IdempotencyKeyTakenError",
+    "JobRejectedError",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class BrokerUnavailableError(RuntimeError):
 
 class IdempotencyKeyTakenError(RuntimeError):
     """Another request recorded a job with this Idempotency-Key first."""
+
+
+class JobRejectedError(ValueError):
+    """PostgreSQL refused this job's own values (validation should have caught them): a
+    422 for this request alone, its neighbours in the batch recorded without it."""
 
 
 @dataclass
@@ -165,16 +171,32 @@ class GroupCommitter:
         try:
             rows = b",".join(conn.mogrify(_ROW, _params(j)) for j in jobs)
             returned = await conn.fetchall(_INSERT.replace(b"%s", rows, 1))
+        except (psycopg2.DataError, ValueError) as exc:
+            # The values, not the server (a value jsonb refuses; psycopg2 refuses a NUL in
+            # text itself): nothing was written. Find the job to blame by recording each
+            # alone, so one bad job never fails its neighbours.
+            if not conn.closed:
+                self._idle.append(conn)
+            if len(jobs) == 1:
+                log.error("job refused by the database: %r", exc, extra={"job_id": str(jobs[0].id)})
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                return {jobs[0].id: JobRejectedError(f"the job could not be recorded: {first}")}
+            outcomes: dict[uuid.UUID, Exception] = {}
+            for job in jobs:
+                try:
+                    outcomes.update(await self._record([job]))
+                except Exception as failure:
+                    outcomes[job.id] = failure
+            return outcomes
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             log.error("could not record %d jobs: %r", len(jobs), exc)
-            if not isinstance(exc, psycopg2.ProgrammingError | psycopg2.DataError):
-                # The INSERT may have committed before its answer was lost: take it back,
-                # so the 503 does not hide jobs that would run anyway.
-                await self._withdraw(None, jobs)
+            # The INSERT may have committed before its answer was lost: take it back,
+            # so the 503 does not hide jobs that would run anyway.
+            await self._withdraw(None, jobs)
             raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
         recorded = {uuid.UUID(str(r[0])) for r in returned}
         accepted = [j for j in jobs if j.id in recorded]
-        outcomes: dict[uuid.UUID, Exception] = {
+        outcomes = {
             j.id: IdempotencyKeyTakenError(j.idempotency_key) for j in jobs if j.id not in recorded
         }
         try:

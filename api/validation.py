@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.registry_view import VersionInfo, registry_view
 from api.schemas import JobCreate
+from shared import jsonsafe
 from shared.callbacks import CallbackRefusedError, check_url
 from shared.config import get_settings
 from shared.db import session_scope
@@ -127,8 +128,27 @@ def _validate_score(body: JobCreate, info: VersionInfo) -> dict:
     return {"segment": segment}
 
 
+def _storable(body: JobCreate) -> None:
+    """Free-form values jsonb would refuse (NUL, lone surrogates, NaN, deep nesting): a
+    422 here, never a failed group commit (rows are checked per field by their schema)."""
+    for name in ("metadata", "callback_url"):
+        found = jsonsafe.problem(getattr(body, name))
+        if found is not None:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ["body", name, *found[0]],
+                        "msg": found[1],
+                        "input": None,
+                    }
+                ]
+            )
+
+
 async def validate_job(body: JobCreate, max_rows: int) -> tuple[int | None, dict]:
     """(model version, request to store), or a 413/422 naming the field."""
+    _storable(body)
     if body.callback_url is not None:
         try:
             # No DNS lookup on the request path: names are resolved and checked at delivery.

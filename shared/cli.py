@@ -133,14 +133,11 @@ def flower(host: str, port: int) -> None:
         raise click.UsageError("set INFERQ_FLOWER_PASSWORD: Flower never runs without auth")
     from workers.app import celery_app
 
+    # Through Flower's environment, not its command line, which every user of the
+    # machine can read (ps).
+    os.environ["FLOWER_BASIC_AUTH"] = f"{s.flower_user}:{s.flower_password}"
     celery_app.start(
-        [
-            "flower",
-            f"--address={host}",
-            f"--port={port}",
-            f"--basic-auth={s.flower_user}:{s.flower_password}",
-            "--purge_offline_workers=60",
-        ]
+        ["flower", f"--address={host}", f"--port={port}", "--purge_offline_workers=60"]
     )
 
 
@@ -356,6 +353,34 @@ def models_promote(model: str, version: int) -> None:
 @main.group()
 def keys() -> None:
     """API keys."""
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key: id, tenant, name, scopes, created, revoked (never the key itself)."""
+    from shared.db import session_scope
+    from shared.keys import list_keys
+
+    with session_scope() as session:
+        for k in list_keys(session):
+            revoked = k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-"
+            click.echo(
+                f"{k.id:<5} {k.tenant:16} {k.name or '-':16} {','.join(k.scopes):34} "
+                f"{k.created_at.isoformat(timespec='seconds')} revoked={revoked}"
+            )
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke key KEY_ID; API processes stop accepting it within 10 s."""
+    from shared.db import session_scope
+    from shared.keys import revoke_key
+
+    with session_scope() as session:
+        if not revoke_key(session, key_id):
+            raise click.ClickException(f"no active key with id {key_id}")
+    click.echo(f"key {key_id} revoked")
 
 
 @keys.command("create")

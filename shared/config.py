@@ -155,6 +155,11 @@ class Settings(BaseSettings):
         if self.env == "production" and self.flower_password in ("", "changeme", "admin"):
             # Placeholder credentials are refused outside development.
             raise ValueError("INFERQ_FLOWER_PASSWORD must be set to a real secret in production")
+        if self.env == "production" and 0 < len(self.bootstrap_api_key) < 32:
+            raise ValueError(
+                "INFERQ_BOOTSTRAP_API_KEY must be at least 32 characters in production "
+                "(inferq keys create makes keys of 43)"
+            )
         return self
 
     def stack_urls(self) -> dict[str, str]:

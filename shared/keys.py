@@ -5,13 +5,23 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.orm import ApiKey
 
-__all__ = ["SCOPES", "hash_key", "generate_key", "create_key", "ensure_key", "lookup"]
+__all__ = [
+    "SCOPES",
+    "hash_key",
+    "generate_key",
+    "create_key",
+    "ensure_key",
+    "lookup",
+    "list_keys",
+    "revoke_key",
+]
 
 SCOPES = ("jobs:write", "jobs:read", "models:admin")
 
@@ -69,3 +79,17 @@ def lookup(session: Session, value: str) -> ApiKey | None:
     return session.scalar(
         select(ApiKey).where(ApiKey.key_hash == hash_key(value), ApiKey.revoked_at.is_(None))
     )
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def revoke_key(session: Session, key_id: int) -> bool:
+    """Revoke an active key; False if there is none with this id."""
+    result = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(UTC))
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]

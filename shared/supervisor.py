@@ -91,13 +91,23 @@ def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
     proc.wait()
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from its first byte (mode 0600 at creation)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
 def _secret(path: Path, make) -> str:  # type: ignore[no-untyped-def]
     """A development secret kept under the data dir, so it survives restarts."""
     if path.exists():
         return path.read_text().strip()
     value = make()
-    path.write_text(value + "\n")
-    path.chmod(0o600)
+    _write_private(path, value + "\n")
     return str(value)
 
 
@@ -150,8 +160,10 @@ def run_stack(
     try:
         db_url = pg.start() if pg else s.database_url
         redis_url = redis.start() if redis else s.redis_url
-        (data_dir / STACK_FILE).write_text(
-            json.dumps({"database_url": db_url, "redis_url": redis_url}) + "\n"
+        # URLs may carry passwords: readable by this user only.
+        _write_private(
+            data_dir / STACK_FILE,
+            json.dumps({"database_url": db_url, "redis_url": redis_url}) + "\n",
         )
         api_key = s.bootstrap_api_key or _secret(
             data_dir / "dev-api-key", lambda: "iq_dev_" + secrets.token_urlsafe(32)

@@ -178,11 +178,15 @@ def test_many_bad_rows_report_a_bounded_list(client: httpx.Client) -> None:
         ({"model": "churn", "inputs": [ROW], "callback_url": "ftp://x"}, ("body", "callback_url")),
         ({"model": "churn", "inputs": [ROW], "segment": {}}, ("body", "segment")),
         ({"model": "demand", "entity_ids": [1]}, ("body", "entity_ids")),
-        ({"model": "lasso", "type": "train"}, ("body", "model")),
     ],
 )
 def test_bad_request_is_422_naming_the_field(client: httpx.Client, body: dict, loc: tuple) -> None:
     assert loc in _locs(client.post("/v1/jobs", json=body))
+
+
+def test_training_an_untrainable_model_is_422(admin: httpx.Client) -> None:
+    r = admin.post("/v1/jobs", json={"model": "lasso", "type": "train"})
+    assert ("body", "model") in _locs(r)
 
 
 def test_non_json_body_is_422(client: httpx.Client) -> None:

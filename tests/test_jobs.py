@@ -7,6 +7,7 @@ import time
 import uuid
 
 import httpx
+import pytest
 from sqlalchemy import select, text
 
 from shared.config import get_settings
@@ -136,7 +137,15 @@ def test_cancel_an_ended_job_is_409(client: httpx.Client) -> None:
     assert "succeeded" in r.json()["detail"]
 
 
-def test_list_filters_and_paginates_newest_first(client: httpx.Client) -> None:
+@pytest.fixture
+def trainer(stack):  # type: ignore[no-untyped-def]
+    """A client of a fresh tenant that may also train (models:admin)."""
+    with make_client(stack, scopes=("jobs:write", "jobs:read", "models:admin")) as c:
+        yield c
+
+
+def test_list_filters_and_paginates_newest_first(trainer: httpx.Client) -> None:
+    client = trainer
     ids = [submit(client, inputs=[ROW]).json()["id"] for _ in range(5)]
     train_id = submit(client, type="train", promote="never").json()["id"]
     for i in ids:

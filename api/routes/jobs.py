@@ -96,6 +96,12 @@ async def submit(
     body: JobCreate, principal: Principal, idempotency_key: str | None
 ) -> JSONResponse:
     """The work of ``POST /v1/jobs`` (also served by ``api.fastpath``)."""
+    if body.type == "train" and "models:admin" not in principal.scopes:
+        # A train job registers a version and may promote it for every tenant.
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "train jobs create and promote model versions: this key lacks the 'models:admin' scope",
+        )
     # The body's hash only matters to tell a retry from a different request with its key.
     digest = request_hash(body) if idempotency_key else None
     if idempotency_key:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from shared.db import get_engine
 from workers.app import celery_app
 
 router = APIRouter(tags=["operations"])
+log = logging.getLogger(__name__)
 
 
 @router.get("/healthz")
@@ -24,13 +26,16 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _check(fn: Any) -> dict[str, Any]:
+def _check(name: str, fn: Any) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         detail = fn()
         ok = True
     except Exception as exc:
-        detail, ok = f"{type(exc).__name__}: {exc}", False
+        # The answer is public: it names what failed, never an address or a password
+        # (drivers put both in their messages); the log has the whole error.
+        log.warning("readiness: %s failed: %s", name, exc)
+        detail, ok = _UNAVAILABLE.get(name, "unavailable") + f" ({type(exc).__name__})", False
     out = {"ok": ok, "ms": round((time.perf_counter() - start) * 1000, 1)}
     if detail is not None:
         out["detail"] = detail
@@ -51,21 +56,29 @@ def _broker() -> None:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 
+class NoWorkersError(RuntimeError):
+    """No worker process has renewed its heartbeat lately."""
+
+
 def _workers() -> str:
     """Worker processes refresh a heartbeat key every few seconds (see workers.runtime)."""
     names = list(redis_sync().scan_iter(get_settings().key("worker", "*"), count=1000))
     if not names:
-        raise RuntimeError("no worker process has reported in the last 30 s")
+        raise NoWorkersError("no worker process has reported in the last 30 s")
     return f"{len(names)} worker processes"
 
 
+_UNAVAILABLE = {
+    "database": "cannot query the database",
+    "redis": "cannot reach Redis",
+    "broker": "cannot reach the broker",
+    "workers": "no worker process has reported in the last 30 s",
+}
+
+
 def _readiness() -> dict[str, Any]:
-    return {
-        "database": _check(_database),
-        "redis": _check(_redis),
-        "broker": _check(_broker),
-        "workers": _check(_workers),
-    }
+    checks = {"database": _database, "redis": _redis, "broker": _broker, "workers": _workers}
+    return {name: _check(name, fn) for name, fn in checks.items()}
 
 
 @router.get("/readyz")

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shared.jsonsafe import text_problem
+
 __all__ = [
     "TYPES",
     "INPUTS",
@@ -74,6 +76,9 @@ def check_value(value: Any, spec: Mapping[str, Any]) -> tuple[str, str] | None:
     if kind == "str":
         if not isinstance(value, str):
             return "string_type", "Input should be a valid string"
+        bad = text_problem(value)
+        if bad is not None:
+            return "string_unicode", bad
         cats = spec.get("categories")
         if cats is not None and value not in cats:
             return "enum", "Unknown category {!r}; expected one of {}".format(

@@ -8,7 +8,7 @@ import uuid
 
 import httpx
 
-from shared.callbacks import CallbackRefusedError, check_url, signature
+from shared.callbacks import CallbackRefusedError, check_url, pinned, signature
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import public_view
@@ -47,10 +47,12 @@ def callback(self, job_id: str) -> int | str:  # type: ignore[no-untyped-def]
         view = {**public_view(job), "links": {"self": f"{s.public_url}/v1/jobs/{job_id}"}}
     with job_context(job_id):
         try:
-            check_url(url, allow_private=s.callback_allow_private)
+            addresses = check_url(url, allow_private=s.callback_allow_private)
         except CallbackRefusedError as exc:
             log.error("callback refused: %s", exc)
             return "refused"
+        # The request goes to the address just checked, not to a second lookup's answer.
+        target, pin_headers, extensions = pinned(url, addresses[0])
         body = json.dumps(view).encode()
         headers = {
             "content-type": "application/json",
@@ -60,7 +62,10 @@ def callback(self, job_id: str) -> int | str:  # type: ignore[no-untyped-def]
         }
         if s.callback_secret:
             headers["x-inferq-signature"] = signature(s.callback_secret, body)
-        response = httpx.post(url, content=body, headers=headers, timeout=10)
+        with httpx.Client(timeout=10) as client:
+            response = client.post(
+                target, content=body, headers={**headers, **pin_headers}, extensions=extensions
+            )
         if response.status_code == 429 or response.status_code >= 500:
             raise CallbackFailedError(f"{url} answered {response.status_code}")
         log.info("callback delivered to %s: %s", url, response.status_code)
