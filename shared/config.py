@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     database_url: str = ""
     redis_url: str = ""
     broker_url: str = Field("", description="Celery broker; defaults to redis_url.")
+    cache_redis_url: str = Field(
+        "",
+        description="Redis for the feature and prediction caches (may evict: allkeys-lru); "
+        "defaults to redis_url.",
+    )
 
     model_dir: Path | None = Field(None, description="Model artifacts; default data_dir/models.")
 
@@ -70,6 +75,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="Deliveries of one job before it fails for good.")
     worker_concurrency: int = Field(2, description="Prefork processes per worker.")
     model_poll_s: float = Field(5.0, description="How often workers look for promotions.")
+    worker_heartbeat_s: float = Field(
+        5.0,
+        description="How often each worker process renews its heartbeat key (TTL three "
+        "periods): a process whose key lapsed is dead, and its predict jobs are retaken.",
+    )
     batch_max_jobs: int = Field(
         512, description="Queued predict jobs one delivery takes into its batch, at most."
     )
@@ -98,7 +108,7 @@ class Settings(BaseSettings):
     )
 
     # Beat
-    sweep_every_s: float = Field(15.0, description="Sweeper period.")
+    sweep_every_s: float = Field(5.0, description="Sweeper period.")
     requeue_after_s: float = Field(30.0, description="A queued job older than this is re-sent.")
     running_lease_s: float = Field(
         600.0, description="A running job with no heartbeat for this long is re-sent."
@@ -132,6 +142,8 @@ class Settings(BaseSettings):
             self.redis_url = stack.get("redis_url", "redis://127.0.0.1:6379/0")
         if not self.broker_url:
             self.broker_url = self.redis_url
+        if not self.cache_redis_url:
+            self.cache_redis_url = self.redis_url
         if self.model_dir is None:
             self.model_dir = self.data_dir / "models"
         if not (

@@ -206,12 +206,12 @@ def seed_customers(
 
 
 def load_features(
-    engine: Engine, redis: Redis, ft: FeatureTable, entity_ids: Sequence[int]
+    engine: Engine, redis: Redis, ft: FeatureTable, entity_ids: Sequence[int], *, stats: Any = None
 ) -> dict[int, dict[str, Any]]:
     """Feature rows for ``entity_ids``, from the Redis cache where warm, else Postgres.
 
     Missing ids are simply absent from the answer. Rows read from Postgres are cached for
-    ``INFERQ_FEATURE_CACHE_TTL_S``; a flushed cache only costs a query.
+    ``INFERQ_FEATURE_CACHE_TTL_S``; a flushed (or evicted) cache only costs a query.
     """
     settings = get_settings()
     keys = [settings.key("feat", ft.cache_tag, i) for i in entity_ids]
@@ -223,8 +223,10 @@ def load_features(
         else:
             found[eid] = json.loads(raw)
     pipe = redis.pipeline(transaction=False)
-    count(pipe, "cache", "features", "hit", by=len(found))
-    count(pipe, "cache", "features", "miss", by=len(missing))
+    # Counters go with ``stats`` (a pipeline on the main Redis) when the cache is elsewhere.
+    counters = pipe if stats is None else stats
+    count(counters, "cache", "features", "hit", by=len(found))
+    count(counters, "cache", "features", "miss", by=len(missing))
     if missing:
         cols = ", ".join(quote(c) for c in ft.columns)
         sql = text(

@@ -45,12 +45,12 @@ class Outcome:
 
 
 def _rows_for(
-    jobs: list[JobRow], model: LoadedModel, engine: Engine, redis: Redis, out: Outcome
+    jobs: list[JobRow], model: LoadedModel, engine: Engine, cache: Redis, stats: Any, out: Outcome
 ) -> dict[uuid.UUID, list]:
     """Each job's input rows; entity jobs read the model's feature table through the cache."""
     wanted = sorted({e for j in jobs for e in j.request.get("entity_ids") or []})
     ft = FeatureTable.of(model.schema)
-    features = load_features(engine, redis, ft, wanted) if wanted and ft is not None else {}
+    features = load_features(engine, cache, ft, wanted, stats=stats) if wanted and ft else {}
     rows: dict[uuid.UUID, list] = {}
     for job in jobs:
         ids = job.request.get("entity_ids")
@@ -81,7 +81,9 @@ def prediction_rows(output: Output, classes: list[Any] | None = None) -> list[di
     ]
 
 
-def _predict(model: LoadedModel, rows: list[dict[str, Any]], redis: Redis) -> list[dict[str, Any]]:
+def _predict(
+    model: LoadedModel, rows: list[dict[str, Any]], cache: Redis, stats: Any
+) -> list[dict[str, Any]]:
     """Predictions for ``rows``: from the prediction cache where present, the rest in one call.
 
     The cache is content-addressed: sha256 of model, version and the normalised feature
@@ -96,7 +98,7 @@ def _predict(model: LoadedModel, rows: list[dict[str, Any]], redis: Redis) -> li
     keys = [
         settings.key("pred", hashlib.sha256(prefix + row_key(r, schema)).hexdigest()) for r in rows
     ]
-    cached = redis.mget(keys)
+    cached = cache.mget(keys)
     preds: list[Any] = [None] * len(rows)
     miss = []
     for i, value in enumerate(cached):
@@ -104,9 +106,9 @@ def _predict(model: LoadedModel, rows: list[dict[str, Any]], redis: Redis) -> li
             miss.append(i)
         else:
             preds[i] = json.loads(value)
-    pipe = redis.pipeline(transaction=False)
-    count(pipe, "cache", "predictions", "hit", by=len(rows) - len(miss))
-    count(pipe, "cache", "predictions", "miss", by=len(miss))
+    count(stats, "cache", "predictions", "hit", by=len(rows) - len(miss))
+    count(stats, "cache", "predictions", "miss", by=len(miss))
+    pipe = cache.pipeline(transaction=False)
     if miss:
         fresh = _fresh(model, [rows[i] for i in miss])
         for i, pred in zip(miss, fresh, strict=True):
@@ -153,9 +155,27 @@ def _model(models: ModelCache, name: str, version: int) -> LoadedModel:
 
 
 def run_predict_jobs(
-    engine: Engine, redis: Redis, models: ModelCache, jobs: list[JobRow]
+    engine: Engine,
+    redis: Redis,
+    models: ModelCache,
+    jobs: list[JobRow],
+    *,
+    cache: Redis | None = None,
 ) -> Outcome:
+    """Predict ``jobs``; ``cache`` holds the feature and prediction caches (default:
+    ``redis``, where the counters always go)."""
     out = Outcome()
+    stats = redis.pipeline(transaction=False)
+    try:
+        _run(engine, cache or redis, stats, models, jobs, out)
+    finally:
+        stats.execute()
+    return out
+
+
+def _run(
+    engine: Engine, cache: Redis, stats: Any, models: ModelCache, jobs: list[JobRow], out: Outcome
+) -> None:
     groups: dict[tuple[str, int], list[JobRow]] = defaultdict(list)
     for job in jobs:
         groups[(job.model, job.model_version or 0)].append(job)
@@ -167,7 +187,7 @@ def run_predict_jobs(
             for job in jobs_of_version:
                 out.errors[job.id] = ("model_unavailable", f"{name} v{version}: {exc}")
             continue
-        rows = _rows_for(jobs_of_version, model, engine, redis, out)
+        rows = _rows_for(jobs_of_version, model, engine, cache, stats, out)
         group = [j for j in jobs_of_version if j.id in rows]
         if not group:
             continue
@@ -177,20 +197,19 @@ def run_predict_jobs(
         size = 0
         for job in group:
             if part and size + len(rows[job.id]) > cap:
-                _predict_group(out, model, part, rows, redis)
+                _predict_group(out, model, part, rows, cache, stats)
                 part, size = [], 0
             part.append(job)
             size += len(rows[job.id])
-        _predict_group(out, model, part, rows, redis)
-    return out
+        _predict_group(out, model, part, rows, cache, stats)
 
 
 def _predict_group(
-    out: Outcome, model: LoadedModel, group: list[JobRow], rows: dict, redis: Redis
+    out: Outcome, model: LoadedModel, group: list[JobRow], rows: dict, cache: Redis, stats: Any
 ) -> None:
     batch = [r for job in group for r in rows[job.id]]
     try:
-        preds = _predict(model, batch, redis)
+        preds = _predict(model, batch, cache, stats)
     except Exception:
         if len(group) == 1:
             job = group[0]
@@ -199,7 +218,7 @@ def _predict_group(
             return
         # Isolate the culprit: each job alone.
         for job in group:
-            _predict_group(out, model, [job], rows, redis)
+            _predict_group(out, model, [job], rows, cache, stats)
         return
     start = 0
     for job in group:

@@ -184,9 +184,13 @@ def run_stack(
         }
         _prepare(env, customers)
         py = [sys.executable, "-m", "shared.cli"]
+        pool = ["-c", str(workers)] if workers else []
         specs = {
             "api": ["api", "--port", str(api_port)],
-            "worker": ["worker", *(["-c", str(workers)] if workers else [])],
+            # Two pools, so a training run, a score run or a slow callback never holds up
+            # online predictions; each is scaled on its own in a deployment.
+            "worker": ["worker", "-Q", "predict", "-n", "predict@%h", *pool],
+            "worker-jobs": ["worker", "-Q", "score,ops", "-n", "jobs@%h", *pool],
             "beat": ["beat"],
             "flower": ["flower", "--port", str(flower_port)],
         }

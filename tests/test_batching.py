@@ -313,3 +313,59 @@ def test_prediction_logs_are_written_alike_prepared_and_inline(
         (1, tricky, 1.25, False),
         (2, tricky, 2.25, True),
     ]
+
+
+def test_caches_can_live_in_a_redis_of_their_own(
+    stack: Stack, client: httpx.Client, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """INFERQ_CACHE_REDIS_URL: the prediction and feature caches go to a Redis that may evict
+    (allkeys-lru) without touching the queues, job state or counters in the main one."""
+    from shared.db import get_engine
+    from shared.embedded import EmbeddedRedis
+    from shared.inference import run_predict_jobs
+    from shared.jobs import JobRow
+
+    other = EmbeddedRedis(tmp_path / "cache", appendonly=False)
+    cache = Redis.from_url(other.start())
+    main = Redis.from_url(get_settings().redis_url)
+    try:
+        row = {**ROW, "monthly_spend": 4321.25, "tenure_months": 77}
+        jobs = [
+            JobRow(
+                uuid.uuid4(),
+                "t",
+                "predict",
+                "churn",
+                1,
+                "running",
+                {"inputs": [row]},
+                None,
+                1,
+                datetime.now(UTC),
+                None,
+            ),
+            JobRow(
+                uuid.uuid4(),
+                "t",
+                "predict",
+                "churn",
+                1,
+                "running",
+                {"entity_ids": [4242]},
+                None,
+                1,
+                datetime.now(UTC),
+                None,
+            ),
+        ]
+        before = main.hgetall(get_settings().key("stats"))
+        out = run_predict_jobs(get_engine(), main, ModelCache(), jobs, cache=cache)
+        assert len(out.results) == 2
+        prefix = get_settings().key("")
+        assert any(k.startswith(f"{prefix}pred:".encode()) for k in cache.keys("*"))
+        assert any(k.startswith(f"{prefix}feat:".encode()) for k in cache.keys("*"))
+        after = main.hgetall(get_settings().key("stats"))
+        assert after != before  # the hit/miss counters stay with the main Redis
+        assert not cache.exists(get_settings().key("stats"))
+    finally:
+        other.stop()

@@ -222,3 +222,42 @@ def _succeeded(tenant: str) -> int:
                 {"t": tenant},
             ).scalar_one()
         )
+
+
+def test_predict_jobs_of_a_worker_that_vanished_are_retaken_in_seconds(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """A machine that dies takes its worker processes' heartbeat keys with it, and no one
+    is left to redeliver their messages: the sweeper gives their running predict jobs back
+    within a heartbeat period or three, not a lease (600 s) later."""
+    from sqlalchemy import text
+
+    from workers.runtime import heartbeat_key, redis_client
+    from workers.tasks.maintenance import retake_orphans
+
+    orphan, held = record_queued(client), record_queued(client)
+    redis_client().set(heartbeat_key("live-host:2"), "1", ex=60)
+    with session_scope() as session:
+        for job_id, worker in ((orphan, "gone-host:1/task-a"), (held, "live-host:2/task-b")):
+            session.execute(
+                text(
+                    "UPDATE jobs SET status = 'running', worker = :w, attempts = 1, "
+                    "started_at = now() - interval '20 s', heartbeat_at = now() - interval '20 s' "
+                    "WHERE id = :id"
+                ),
+                {"w": worker, "id": job_id},
+            )
+    try:
+        retaken = {str(i) for i in retake_orphans()}
+        assert orphan in retaken and held not in retaken
+        job = wait_done(client, orphan, timeout=30)
+        assert job["status"] == "succeeded" and job["attempts"] == 2
+        assert client.get(f"/v1/jobs/{held}").json()["status"] == "running"  # its worker lives
+        assert held not in {str(i) for i in retake_orphans()}
+    finally:
+        with session_scope() as session:
+            session.execute(
+                text("UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = :id"),
+                {"id": held},
+            )
+        redis_client().delete(heartbeat_key("live-host:2"))

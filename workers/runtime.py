@@ -17,7 +17,7 @@ from shared.config import get_settings
 from shared.db import relax_commits, session_scope
 from shared.models.registry import ModelCache
 
-__all__ = ["models", "redis_client", "worker_name"]
+__all__ = ["models", "redis_client", "cache_client", "worker_name", "heartbeat_key"]
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +31,40 @@ def redis_client() -> Redis:
     return Redis.from_url(get_settings().redis_url, socket_connect_timeout=3, socket_timeout=10)
 
 
+@lru_cache
+def cache_client() -> Redis:
+    """The Redis of the feature and prediction caches (``INFERQ_CACHE_REDIS_URL``)."""
+    s = get_settings()
+    if s.cache_redis_url == s.redis_url:
+        return redis_client()
+    return Redis.from_url(s.cache_redis_url, socket_connect_timeout=3, socket_timeout=10)
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def heartbeat_key(name: str) -> str:
+    """The Redis key that says the worker process ``name`` (host:pid) is alive."""
+    return get_settings().key("worker", name)
+
+
 def _report() -> None:
-    """Readiness: /readyz counts these keys to know that some worker is alive."""
+    """This process is alive: /readyz counts these keys, and the sweeper retakes the predict
+    jobs of a process whose key has lapsed (three periods without a renewal)."""
     try:
         s = get_settings()
-        redis_client().set(s.key("worker", worker_name()), "1", ex=max(30, int(3 * s.model_poll_s)))
+        ttl = max(1, round(3 * s.worker_heartbeat_s))
+        redis_client().set(heartbeat_key(worker_name()), "1", ex=ttl)
     except Exception:
         log.warning("could not report to Redis", exc_info=True)
+
+
+def _beat_heart() -> None:
+    """A thread of its own: a slow model load in the watcher must not look like death."""
+    interval = get_settings().worker_heartbeat_s
+    while not _stop.wait(interval):
+        _report()
 
 
 def _preload() -> None:
@@ -56,13 +79,12 @@ def _preload() -> None:
 
 def _watch_promotions() -> None:
     """Preload every production version at once, then each newly promoted one, so the first
-    job on it never pays the load; and renew this process's heartbeat."""
+    job on it never pays the load."""
     interval = get_settings().model_poll_s
     while True:
         _preload()
         if _stop.wait(interval):
             return
-        _report()
 
 
 @worker_process_init.connect
@@ -71,16 +93,18 @@ def _init_process(**_: object) -> None:
     # disposes of them too).
     relax_commits()
     redis_client.cache_clear()
+    cache_client.cache_clear()
     threadpool_limits(1)
     _report()
     # Loading happens beside the pool, never in this hook: the pool waits only a few
     # seconds (worker_proc_alive_timeout) for a new child to come up, and a deployment
     # with many models would have its children killed and restarted in a loop.
     threading.Thread(target=_watch_promotions, name="promotion-watcher", daemon=True).start()
+    threading.Thread(target=_beat_heart, name="heartbeat", daemon=True).start()
 
 
 @worker_process_shutdown.connect
 def _shutdown_process(**_: object) -> None:
     _stop.set()
     with contextlib.suppress(Exception):
-        redis_client().delete(get_settings().key("worker", worker_name()))
+        redis_client().delete(heartbeat_key(worker_name()))

@@ -16,6 +16,7 @@ from shared.models.registry import list_versions, production_versions
 from shared.orm import Job, PredictionLog, ScoringRun
 from workers.app import celery_app
 from workers.dispatch import enqueue
+from workers.runtime import heartbeat_key, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,57 @@ def sweep_once() -> int:
     return len(rows)
 
 
+def retake_orphans() -> list[uuid.UUID]:
+    """Predict jobs running under a worker process whose heartbeat key has lapsed (its
+    machine died, or it was killed with no one to redeliver its message) go back to
+    ``queued`` and are sent again: seconds after the death, not a lease later.
+
+    Only predict jobs: a predict job runs for a batch's milliseconds, so one still running
+    after a heartbeat period is in the hands of whoever claimed it, alive or not.
+    """
+    s = get_settings()
+    grace = datetime.now(UTC) - timedelta(seconds=s.worker_heartbeat_s)
+    with session_scope() as session:
+        rows = session.execute(
+            select(Job.id, Job.worker, Job.priority)
+            .where(
+                Job.finished_at.is_(None),
+                Job.status == JobStatus.RUNNING,
+                Job.type == "predict",
+                Job.heartbeat_at < grace,
+            )
+            .limit(SWEEP_LIMIT)
+        ).all()
+        if not rows:
+            return []
+        processes = sorted({(r.worker or "").split("/", 1)[0] for r in rows})
+        alive = redis_client().mget([heartbeat_key(p) for p in processes])
+        dead = {p for p, seen in zip(processes, alive, strict=True) if seen is None}
+        orphans = [r for r in rows if (r.worker or "").split("/", 1)[0] in dead]
+        if not orphans:
+            return []
+        # Compare-and-set on the worker too: a job retaken meanwhile is left alone.
+        retaken = session.execute(
+            update(Job)
+            .where(
+                Job.id.in_([r.id for r in orphans]),
+                Job.status == JobStatus.RUNNING,
+                Job.worker.in_({r.worker for r in orphans}),
+            )
+            .values(status=JobStatus.QUEUED, worker=None, enqueued_at=datetime.now(UTC))
+            .returning(Job.id, Job.priority)
+        ).all()
+    enqueue([(r.id, "predict", r.priority) for r in retaken])
+    if retaken:
+        log.warning(
+            "retook %d predict jobs of dead worker processes %s", len(retaken), sorted(dead)
+        )
+    return [r.id for r in retaken]
+
+
 @celery_app.task(name="ops.sweep", queue="ops")
 def sweep() -> int:
-    return sweep_once()
+    return sweep_once() + len(retake_orphans())
 
 
 def schedule_nightly_run(model: str, night: date) -> uuid.UUID | None:

@@ -30,7 +30,7 @@ from workers.dispatch import (
     restore_pending,
     wait_pending,
 )
-from workers.runtime import models, redis_client, worker_name
+from workers.runtime import cache_client, models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _run_batch(
 def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> list[JobRow]:
     with job_context(",".join(str(j.id) for j in jobs[:20])):
         try:
-            out = run_predict_jobs(get_engine(), redis, models, jobs)
+            out = run_predict_jobs(get_engine(), redis, models, jobs, cache=cache_client())
         except SoftTimeLimitExceeded:
             log.error("predict batch hit its soft time limit")
             timeout: dict[uuid.UUID, jobstore.End] = {
