@@ -64,7 +64,7 @@ def _workers() -> str:
     """Worker processes refresh a heartbeat key every few seconds (see workers.runtime)."""
     names = list(redis_sync().scan_iter(get_settings().key("worker", "*"), count=1000))
     if not names:
-        raise NoWorkersError("no worker process has reported in the last 30 s")
+        raise NoWorkersError("no worker process has renewed its heartbeat lately")
     return f"{len(names)} worker processes"
 
 
@@ -72,7 +72,7 @@ _UNAVAILABLE = {
     "database": "cannot query the database",
     "redis": "cannot reach Redis",
     "broker": "cannot reach the broker",
-    "workers": "no worker process has reported in the last 30 s",
+    "workers": "no worker process has renewed its heartbeat lately",
 }
 
 
