@@ -119,6 +119,9 @@ class VersionMetadata(BaseModel):
     threshold: float | None = Field(None, ge=0, le=1, description="Binary decision threshold.")
     feature_table: str | None = Field(None, max_length=128)
     key: str | None = Field(None, max_length=63)
+    tenant_column: str | None = Field(
+        None, max_length=63, description="The feature table's column naming each row's tenant."
+    )
     trusted: list[str] = Field(
         default_factory=list, description="skops types to trust beyond skops' defaults."
     )

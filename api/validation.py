@@ -65,12 +65,12 @@ async def _resolve(body: JobCreate) -> VersionInfo:
     return resolved
 
 
-def _unknown_entities(ft: FeatureTable, ids: list[int]) -> list[tuple[int, int]]:
+def _unknown_entities(ft: FeatureTable, ids: list[int], tenant: str) -> list[tuple[int, int]]:
     with session_scope() as session:
-        return unknown_entities(session, ft, ids)
+        return unknown_entities(session, ft, ids, tenant)
 
 
-async def _validate_predict(body: JobCreate, info: VersionInfo, max_rows: int) -> dict:
+async def _validate_predict(body: JobCreate, info: VersionInfo, max_rows: int, tenant: str) -> dict:
     _not_for(body, "predict", "segment", "promote")
     if (body.inputs is None) == (body.entity_ids is None):
         invalid("inputs", "give exactly one of 'inputs' or 'entity_ids'", "missing")
@@ -101,7 +101,7 @@ async def _validate_predict(body: JobCreate, info: VersionInfo, max_rows: int) -
     if ft is None:
         invalid("entity_ids", f"model {info.name!r} has no feature table; send 'inputs'")
     assert ft is not None
-    unknown = await run_in_threadpool(_unknown_entities, ft, rows)
+    unknown = await run_in_threadpool(_unknown_entities, ft, rows, tenant)
     if unknown:
         raise RequestValidationError(
             [
@@ -146,8 +146,9 @@ def _storable(body: JobCreate) -> None:
             )
 
 
-async def validate_job(body: JobCreate, max_rows: int) -> tuple[int | None, dict]:
-    """(model version, request to store), or a 413/422 naming the field."""
+async def validate_job(body: JobCreate, max_rows: int, tenant: str) -> tuple[int | None, dict]:
+    """(model version, request to store) for ``tenant``'s job, or a 413/422 naming the
+    field."""
     _storable(body)
     if body.callback_url is not None:
         try:
@@ -176,7 +177,7 @@ async def validate_job(body: JobCreate, max_rows: int) -> tuple[int | None, dict
     if body.type == "score":
         version, request = info.version, _validate_score(body, info)
     else:
-        version, request = info.version, await _validate_predict(body, info, max_rows)
+        version, request = info.version, await _validate_predict(body, info, max_rows, tenant)
     if body.callback_url is not None:
         request["callback_url"] = body.callback_url
     return version, request

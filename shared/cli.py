@@ -259,6 +259,9 @@ def models_list() -> None:
 @click.option("--threshold", type=float, default=None, help="Binary decision threshold.")
 @click.option("--feature-table", default=None, help="Table for entity_ids and score jobs.")
 @click.option("--key", default=None, help="The feature table's integer key column (default id).")
+@click.option(
+    "--tenant-column", default=None, help="The feature table's column naming each row's tenant."
+)
 @click.option("--trust", "trusted", multiple=True, help="A skops type to trust (repeatable).")
 @click.option("--promote", is_flag=True, help="Make the new version production.")
 def models_register(
@@ -270,6 +273,7 @@ def models_register(
     threshold: float | None,
     feature_table: str | None,
     key: str | None,
+    tenant_column: str | None,
     trusted: tuple[str, ...],
     promote: bool,
 ) -> None:
@@ -294,6 +298,7 @@ def models_register(
             threshold=threshold,
             feature_table=feature_table,
             key=key,
+            tenant_column=tenant_column,
             trusted=list(trusted),
         )
         path = Path(artifact)

@@ -66,9 +66,10 @@ def dispose_engine() -> None:
 
 def relax_commits() -> None:
     """This process's commits stop waiting for the WAL flush (a fsync costs milliseconds
-    here, most of an idle job's latency). Only for worker processes, whose every write is
-    idempotent and re-run from the ledger if a Postgres crash loses it; the API's insert
-    behind the 202 keeps synchronous commits."""
+    here, most of an idle job's latency), except those that end a job
+    (``shared.jobs.DURABLE``: a result a client may read must survive a crash). Only for
+    worker processes, whose other writes are idempotent and re-run from the ledger if a
+    Postgres crash loses them; the API's insert behind the 202 keeps synchronous commits."""
     global _options
     _options = "-c synchronous_commit=off"
     dispose_engine()

@@ -52,13 +52,27 @@ class FeatureTable:
     table: str
     key: str
     columns: tuple[str, ...]
+    #: The column naming each row's tenant: a tenant reads and scores only its own rows.
+    tenant_column: str | None = None
 
     @classmethod
     def of(cls, schema: Mapping[str, Any]) -> FeatureTable | None:
         table = schema.get("feature_table")
         if not table:
             return None
-        return cls(table, schema.get("key") or "id", tuple(f["name"] for f in schema["features"]))
+        return cls(
+            table,
+            schema.get("key") or "id",
+            tuple(f["name"] for f in schema["features"]),
+            schema.get("tenant_column"),
+        )
+
+    def owned_by(self, tenant: str) -> tuple[str, dict[str, Any]]:
+        """The SQL condition (psycopg2 ``%(owner)s`` style) keeping ``tenant``'s rows only."""
+        if self.tenant_column is None:
+            return "TRUE", {}
+        col = quote(self.tenant_column).replace("%", "%%")
+        return f"{col} = %(owner)s", {"owner": tenant}
 
     @property
     def sql_name(self) -> str:
@@ -72,7 +86,11 @@ class FeatureTable:
 
 
 def check_table(
-    session: Session, table: str, key: str, features: Sequence[Mapping[str, Any]]
+    session: Session,
+    table: str,
+    key: str,
+    features: Sequence[Mapping[str, Any]],
+    tenant_column: str | None = None,
 ) -> list[tuple[str, str]]:
     """What keeps ``table`` from being the feature table of a model with ``features``:
     (field, message) pairs naming the table, the key or the feature column."""
@@ -92,6 +110,8 @@ def check_table(
         errors.append(("key", f"table {table!r} has no column {key!r}"))
     elif types[key] not in _INT_TYPES:
         errors.append(("key", f"key column {key!r} is {types[key]}; it must be an integer"))
+    if tenant_column is not None and types.get(tenant_column) not in _TEXT_TYPES:
+        errors.append(("tenant_column", f"table {table!r} has no text column {tenant_column!r}"))
     want = {"int": _NUMERIC_TYPES, "float": _NUMERIC_TYPES, "bool": {"boolean"}, "str": _TEXT_TYPES}
     for f in features:
         col = f["name"]
@@ -108,13 +128,17 @@ def check_table(
 
 
 def unknown_entities(
-    session: Session, ft: FeatureTable, ids: Sequence[int]
+    session: Session, ft: FeatureTable, ids: Sequence[int], tenant: str
 ) -> list[tuple[int, int]]:
-    """(position, id) of every id ``ft`` has no row for."""
+    """(position, id) of every id ``ft`` has no row of ``tenant``'s for."""
+    owned = f"{quote(ft.tenant_column)} = :owner" if ft.tenant_column else "TRUE"
     known = set(
         session.scalars(
-            text(f"SELECT {quote(ft.key)} FROM {ft.sql_name} WHERE {quote(ft.key)} = ANY(:ids)"),
-            {"ids": list(set(ids))},
+            text(
+                f"SELECT {quote(ft.key)} FROM {ft.sql_name} "
+                f"WHERE {quote(ft.key)} = ANY(:ids) AND {owned}"
+            ),
+            {"ids": list(set(ids)), "owner": tenant},
         )
     )
     return [(i, e) for i, e in enumerate(ids) if e not in known]
@@ -206,15 +230,23 @@ def seed_customers(
 
 
 def load_features(
-    engine: Engine, redis: Redis, ft: FeatureTable, entity_ids: Sequence[int], *, stats: Any = None
+    engine: Engine,
+    redis: Redis,
+    ft: FeatureTable,
+    entity_ids: Sequence[int],
+    *,
+    tenant: str,
+    stats: Any = None,
 ) -> dict[int, dict[str, Any]]:
-    """Feature rows for ``entity_ids``, from the Redis cache where warm, else Postgres.
+    """``tenant``'s feature rows for ``entity_ids``, from the Redis cache where warm, else
+    Postgres (a table with a tenant column gives each tenant its own rows and cache keys).
 
     Missing ids are simply absent from the answer. Rows read from Postgres are cached for
     ``INFERQ_FEATURE_CACHE_TTL_S``; a flushed (or evicted) cache only costs a query.
     """
     settings = get_settings()
-    keys = [settings.key("feat", ft.cache_tag, i) for i in entity_ids]
+    scope = (ft.cache_tag, tenant) if ft.tenant_column else (ft.cache_tag,)
+    keys = [settings.key("feat", *scope, i) for i in entity_ids]
     found: dict[int, dict[str, Any]] = {}
     missing: list[int] = []
     for eid, raw in zip(entity_ids, redis.mget(keys), strict=True):
@@ -229,17 +261,18 @@ def load_features(
     count(counters, "cache", "features", "miss", by=len(missing))
     if missing:
         cols = ", ".join(quote(c) for c in ft.columns)
+        owned = f"{quote(ft.tenant_column)} = :owner" if ft.tenant_column else "TRUE"
         sql = text(
             f"SELECT {quote(ft.key)} AS __key, {cols} FROM {ft.sql_name} "
-            f"WHERE {quote(ft.key)} = ANY(:ids)"
+            f"WHERE {quote(ft.key)} = ANY(:ids) AND {owned}"
         )
         with engine.connect() as conn:
-            rows = conn.execute(sql, {"ids": list(missing)}).mappings().all()
+            rows = conn.execute(sql, {"ids": list(missing), "owner": tenant}).mappings().all()
         for r in rows:
             feats = {c: _plain(r[c]) for c in ft.columns}
             found[r["__key"]] = feats
             pipe.set(
-                settings.key("feat", ft.cache_tag, r["__key"]),
+                settings.key("feat", *scope, r["__key"]),
                 json.dumps(feats),
                 ex=settings.feature_cache_ttl_s,
             )

@@ -47,21 +47,29 @@ class Outcome:
 def _rows_for(
     jobs: list[JobRow], model: LoadedModel, engine: Engine, cache: Redis, stats: Any, out: Outcome
 ) -> dict[uuid.UUID, list]:
-    """Each job's input rows; entity jobs read the model's feature table through the cache."""
-    wanted = sorted({e for j in jobs for e in j.request.get("entity_ids") or []})
+    """Each job's input rows; entity jobs read their tenant's rows of the model's feature
+    table through the cache."""
     ft = FeatureTable.of(model.schema)
-    features = load_features(engine, cache, ft, wanted, stats=stats) if wanted and ft else {}
+    wanted: dict[str, set[int]] = defaultdict(set)
+    for j in jobs:
+        wanted[j.tenant].update(j.request.get("entity_ids") or ())
+    features = {
+        tenant: load_features(engine, cache, ft, sorted(ids), tenant=tenant, stats=stats)
+        for tenant, ids in wanted.items()
+        if ids and ft is not None
+    }
     rows: dict[uuid.UUID, list] = {}
     for job in jobs:
         ids = job.request.get("entity_ids")
         if ids is None:
             rows[job.id] = job.request["inputs"]
             continue
-        unknown = [e for e in ids if e not in features]
+        found = features.get(job.tenant, {})
+        unknown = [e for e in ids if e not in found]
         if unknown:
             out.errors[job.id] = ("unknown_entity", f"no features for entity ids {unknown[:10]}")
         else:
-            rows[job.id] = [features[e] for e in ids]
+            rows[job.id] = [found[e] for e in ids]
     return rows
 
 

@@ -180,6 +180,19 @@ SETTLE = Statement(
     prepare=False,
 )
 
+#: Sent first in every transaction that ends a job. Worker processes commit without
+#: waiting for the WAL flush (``shared.db.relax_commits``), but the end of a job is about
+#: to be shown to clients (hot copy, long-polls, callbacks): a Postgres crash must not
+#: take back a result somebody has read, so this commit waits for the flush.
+_DURABLE_SQL = "SET LOCAL synchronous_commit TO on"
+DURABLE = Statement("inferq_durable", (), _DURABLE_SQL, prepare=False)
+
+
+def durable(session: Session) -> None:
+    """This session's transaction commits durably (see ``DURABLE``)."""
+    session.execute(text(_DURABLE_SQL))
+
+
 #: What ``settle_batch`` writes for a job: (status, result, error).
 End = tuple[str, dict[str, Any] | None, dict[str, Any] | None]
 
@@ -263,7 +276,7 @@ def settle_batch(
         [_json(ends[j.id][2]) for j in wanted],
         [_json((progress or {}).get(j.id)) for j in wanted],
     )
-    statements = [before] if before is not None else []
+    statements = [(DURABLE, ()), *([before] if before is not None else [])]
     returned = prepared.run(conn, *statements, (SETTLE, args))
     finished = {_uuid(job_id): at for job_id, at in returned}
     out = []
@@ -294,6 +307,7 @@ def finish(
     meanwhile stay cancelled (and are not returned)."""
     if not results:
         return []
+    durable(session)
     rows, params = [], {}
     for i, (job_id, result) in enumerate(results.items()):
         rows.append(f"(CAST(:id{i} AS uuid), CAST(:r{i} AS jsonb), CAST(:p{i} AS jsonb))")
@@ -311,6 +325,7 @@ def finish(
 
 def fail(session: Session, job_id: uuid.UUID, *, code: str, message: str) -> Job | None:
     """queued | running → failed with a client-readable error (never a traceback)."""
+    durable(session)
     return session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))

@@ -184,6 +184,8 @@ class Customer(Base):
     __tablename__ = "customers"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    #: Whose customer this is: only that tenant's entity_ids and score jobs see the row.
+    tenant: Mapped[str] = mapped_column(String(64), server_default="default")
     tenure_months: Mapped[int] = mapped_column(SmallInteger)
     monthly_spend: Mapped[float] = mapped_column(Double)
     support_tickets: Mapped[int] = mapped_column(SmallInteger)

@@ -208,9 +208,10 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
         if ft is None:
             raise LookupError(f"model {run.model!r} v{run.version} has no feature table")
         where, params = _where(run.segment)
+        owned, owner = ft.owned_by(job.tenant)  # only the job's tenant's rows
         cur = session.connection().connection.cursor()
         key = quote(ft.key)
-        condition = cur.mogrify(f"WHERE {where}", params).decode()
+        condition = cur.mogrify(f"WHERE {where} AND {owned}", {**params, **owner}).decode()
         cur.execute(f"SELECT min({key}), max({key}), count(*) FROM {ft.sql_name} {condition}")
         lo, hi, total = cur.fetchone()  # type: ignore[misc]
         n = max(1, math.ceil(total / chunk_rows)) if total else 0
@@ -247,12 +248,12 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
     try:
         cur = raw.cursor()
         cur.execute(
-            "SELECT c.lo, c.hi, c.done_at, r.segment, j.status FROM scoring_chunks c "
+            "SELECT c.lo, c.hi, c.done_at, r.segment, j.status, j.tenant FROM scoring_chunks c "
             "JOIN scoring_runs r ON r.id = c.run_id JOIN jobs j ON j.id = r.job_id "
             "WHERE c.run_id = %s AND c.chunk = %s FOR UPDATE OF c",
             (str(run_id), chunk),
         )
-        lo, hi, done_at, segment, status = cur.fetchone()  # type: ignore[misc]
+        lo, hi, done_at, segment, status, tenant = cur.fetchone()  # type: ignore[misc]
         if done_at is not None:
             raw.rollback()
             return ChunkOutcome.ALREADY_DONE
@@ -265,9 +266,11 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
 
         # Only the condition goes through mogrify: a '%' in a category or a column name
         # stays a '%'.
+        owned, owner = ft.owned_by(tenant)
         condition = cur.mogrify(
-            f"WHERE {quote(ft.key).replace('%', '%%')} BETWEEN %(lo)s AND %(hi)s AND {where}",
-            {**params, "lo": lo, "hi": hi},
+            f"WHERE {quote(ft.key).replace('%', '%%')} BETWEEN %(lo)s AND %(hi)s AND {where} "
+            f"AND {owned}",
+            {**params, **owner, "lo": lo, "hi": hi},
         ).decode()
 
         def query_of(columns: str) -> str:

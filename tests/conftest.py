@@ -237,6 +237,13 @@ def client(stack: Stack) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
+def owner(stack: Stack) -> Iterator[httpx.Client]:
+    """A client of tenant ``default``, whose are the demo customers, with the jobs scopes."""
+    with make_client(stack, tenant="default") as c:
+        yield c
+
+
+@pytest.fixture
 def admin(stack: Stack) -> Iterator[httpx.Client]:
     with httpx.Client(
         base_url=stack.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=40

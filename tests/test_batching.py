@@ -346,7 +346,7 @@ def test_caches_can_live_in_a_redis_of_their_own(
             ),
             JobRow(
                 uuid.uuid4(),
-                "t",
+                "default",  # the demo customers' tenant
                 "predict",
                 "churn",
                 1,

@@ -95,7 +95,8 @@ def test_wait_on_a_job_that_does_not_end_returns_after_the_wait(client: httpx.Cl
     assert 0.9 < elapsed < 4
 
 
-def test_entity_ids_read_features_from_the_customers_table(client: httpx.Client) -> None:
+def test_entity_ids_read_features_from_the_customers_table(owner: httpx.Client) -> None:
+    client = owner
     ids = [5, 17, 123_456]
     job = wait_done(client, submit(client, entity_ids=ids).json()["id"])
     assert job["status"] == "succeeded", job

@@ -15,7 +15,14 @@ import pytest
 from sqlalchemy import text
 
 from shared.db import session_scope
-from tests.conftest import CUSTOMERS, Stack, submit, wait_done, wait_for
+from tests.conftest import CUSTOMERS, Stack, make_client, submit, wait_done, wait_for
+
+
+@pytest.fixture
+def client(stack: Stack):  # type: ignore[no-untyped-def]
+    """These tests score the demo customers, so they run as their tenant, ``default``."""
+    with make_client(stack, tenant="default") as c:
+        yield c
 
 
 def _counts(run_id: str) -> tuple[int, int]:

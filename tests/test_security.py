@@ -333,3 +333,26 @@ def test_no_other_tenants_job_is_visible_with_a_fresh_key(stack: Stack, client) 
     job_id = submit(client, inputs=[ROW]).json()["id"]
     with make_client(stack) as other:
         assert other.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+# --- tenant-owned feature data ---------------------------------------------------------------
+
+
+def test_feature_rows_belong_to_their_tenant(stack: Stack, owner: httpx.Client, client) -> None:
+    """The demo customers are tenant default's: another tenant can neither read them by id
+    (at submit, or from the feature cache a worker warmed for their owner) nor score them."""
+    ids = [11, 12, 13]
+    mine = wait_done(owner, submit(owner, entity_ids=ids).json()["id"])
+    assert mine["status"] == "succeeded"  # the owner's rows are now in the feature cache
+    r = submit(client, entity_ids=ids)
+    assert r.status_code == 422
+    assert {e["loc"][-1] for e in r.json()["detail"]} == {0, 1, 2}
+    # A job that reached a worker anyway (recorded without the API's check) finds nothing.
+    theirs = record_queued(client, {"entity_ids": ids})
+    from tests.test_batching import _send_as_one_batch
+
+    _send_as_one_batch([theirs])
+    job = wait_done(client, theirs)
+    assert job["status"] == "failed" and job["error"]["code"] == "unknown_entity"
+    scored = wait_done(client, submit(client, type="score").json()["id"], timeout=60)
+    assert scored["status"] == "succeeded" and scored["result"]["rows_scored"] == 0

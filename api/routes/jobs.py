@@ -108,7 +108,7 @@ async def submit(
         replay = await run_in_threadpool(_replay, principal.tenant, idempotency_key, digest)
         if replay is not None:
             return replay
-    version, request = await validate_job(body, get_settings().max_rows)
+    version, request = await validate_job(body, get_settings().max_rows, principal.tenant)
     job = NewJob(
         id=uuid.uuid4(),
         tenant=principal.tenant,

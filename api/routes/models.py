@@ -130,6 +130,7 @@ def register_version(
             threshold=meta.threshold,
             feature_table=meta.feature_table,
             key=meta.key,
+            tenant_column=meta.tenant_column,
             trusted=meta.trusted,
         )
         if artifact is not None:

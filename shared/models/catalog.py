@@ -31,6 +31,8 @@ CHURN_SCHEMA: dict[str, Any] = {
     "input": "codes",
     "feature_table": "customers",
     "key": "id",
+    # The demo's customers belong to tenant `default`: no other tenant reads or scores them.
+    "tenant_column": "tenant",
     "features": [
         {"name": "tenure_months", "type": "int", "min": 1, "max": 120},
         {"name": "monthly_spend", "type": "float", "min": 0, "max": 100_000},

@@ -60,6 +60,7 @@ class Submission:
     threshold: float | None = None
     feature_table: str | None = None
     key: str | None = None
+    tenant_column: str | None = None
     trusted: list[str] = field(default_factory=list)
     signature: list[dict[str, Any]] | None = None
     source: dict[str, Any] | None = None
@@ -215,20 +216,23 @@ def register_artifact(session: Session, sub: Submission) -> ModelVersion:
     declared = dict(sub.schema) if sub.schema is not None else None
     table = sub.feature_table or (declared or {}).get("feature_table")
     key = sub.key or (declared or {}).get("key") or ("id" if table else None)
+    owner = sub.tenant_column or (declared or {}).get("tenant_column")
     if declared is not None:
-        declared.pop("feature_table", None)
-        declared.pop("key", None)
+        for extra in ("feature_table", "key", "tenant_column"):
+            declared.pop(extra, None)
     try:
         schema = infer(estimator, declared=declared, sample=sub.sample, signature=sub.signature)
     except SchemaError as exc:
         raise IntakeError("schema", str(exc)) from None
-    if key is not None and table is None:
-        raise IntakeError("key", "a key column needs a feature table")
+    if (key is not None or owner is not None) and table is None:
+        raise IntakeError("key" if key else "tenant_column", "this needs a feature table")
     if table is not None:
-        problems = check_table(session, table, key or "id", schema["features"])
+        problems = check_table(session, table, key or "id", schema["features"], owner)
         if problems:
             raise IntakeError(problems[0][0], "; ".join(m for _, m in problems))
         schema = {**schema, "feature_table": table, "key": key}
+        if owner is not None:
+            schema["tenant_column"] = owner
     model = LoadedModel(sub.name, 0, kind, schema, sub.threshold, estimator, classes)
     if sub.sample is not None:
         _trial(model, _sample_rows(sub.sample, schema), True)

@@ -299,7 +299,7 @@ def normalise(schema: Mapping[str, Any]) -> dict[str, Any]:
     if errors:
         raise SchemaError(errors)
     result: dict[str, Any] = {"features": out, "input": mode}
-    for extra in ("feature_table", "key"):
+    for extra in ("feature_table", "key", "tenant_column"):
         if schema.get(extra) is not None:
             result[extra] = schema[extra]
     return result
