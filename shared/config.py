@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     prediction_log_retention_days: int = 30
     nightly_score_cron: str = Field("0 2 * * *", description="Nightly churn scoring, UTC.")
     nightly_tenant: str = Field("default", description="Tenant that owns scheduled runs.")
+    nightly_catch_up: bool = Field(
+        True, description="At beat start, record the last nightly run if its trigger was lost."
+    )
 
     # Flower
     flower_user: str = "admin"

@@ -70,6 +70,9 @@ def pytest_configure(config: pytest.Config) -> None:
             # Callback receivers in the tests listen on loopback.
             "INFERQ_CALLBACK_ALLOW_PRIVATE": "true",
             "INFERQ_CALLBACK_SECRET": "test-callback-secret",
+            # Beats started by tests must not score tonight's run on their own
+            # (test_scoring catches up explicitly).
+            "INFERQ_NIGHTLY_CATCH_UP": "false",
             # Every process of the suite knows where the MLflow server of test_mlflow.py
             # will listen; it starts only when those tests run.
             "INFERQ_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",

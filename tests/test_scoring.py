@@ -288,3 +288,35 @@ def test_cli_submit_score_shows_a_progress_bar(stack: Stack) -> None:
     assert rows == _segment_count("plan_tier = 'growth'")
     assert f"{rows}/{rows}" in out.stderr  # tqdm's final "done/total rows"
     assert "rows" in out.stderr
+
+
+def test_a_nightly_run_whose_trigger_was_lost_is_caught_up_once(
+    stack: Stack, admin: httpx.Client
+) -> None:
+    from datetime import UTC, datetime
+
+    from tests.conftest import start_process
+    from workers.beat import last_fire
+    from workers.tasks.maintenance import catch_up_nightly
+
+    night = datetime(2003, 3, 3, 10, 0, tzinfo=UTC)  # beat was down at 02:00
+    assert last_fire("0 2 * * *", night) == datetime(2003, 3, 3, 2, 0, tzinfo=UTC)
+    assert last_fire("0 2 * * *", night.replace(hour=1)) == datetime(2003, 3, 2, 2, 0, tzinfo=UTC)
+    assert last_fire("30 4 * * 1", night) == datetime(2003, 3, 3, 4, 30, tzinfo=UTC)  # a Monday
+    caught = catch_up_nightly(night)
+    assert caught
+    runs = [wait_done(admin, str(j), timeout=120) for j in caught]
+    assert {r["metadata"]["night"] for r in runs} == {"2003-03-03"}
+    assert "churn" in {r["model"] for r in runs} and all(r["status"] == "succeeded" for r in runs)
+    assert catch_up_nightly(night) == []  # it exists now
+    # Every beat start asks for the catch-up.
+    beat = start_process("beat", "beat", env={"INFERQ_NIGHTLY_CATCH_UP": "true"})
+    try:
+        wait_for(
+            lambda: "ops.nightly_catch_up" in stack.worker.log.read_text(errors="replace"),
+            30,
+            "a worker to receive the catch-up a starting beat sends",
+            step=0.5,
+        )
+    finally:
+        beat.stop()

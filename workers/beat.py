@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery.schedules import crontab
+from celery.signals import beat_init
 
 from shared.config import Settings
 
-__all__ = ["schedule"]
+__all__ = ["schedule", "last_fire"]
+
+
+def last_fire(expr: str, now: datetime) -> datetime | None:
+    """The latest minute at or before ``now`` that the cron ``expr`` fires on (within the
+    last eight days), or None."""
+    c = _cron(expr)
+    t = now.replace(second=0, microsecond=0)
+    for _ in range(8 * 24 * 60):
+        if (
+            t.minute in c.minute
+            and t.hour in c.hour
+            and t.day in c.day_of_month
+            and t.month in c.month_of_year
+            and t.isoweekday() % 7 in c.day_of_week  # crontab counts from Sunday = 0
+        ):
+            return t
+        t -= timedelta(minutes=1)
+    return None
 
 
 def _cron(expr: str) -> crontab:
@@ -51,3 +71,16 @@ def schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": "ops"},
         },
     }
+
+
+@beat_init.connect
+def _catch_up(sender: Any = None, **_: object) -> None:
+    """At every beat start: the last nightly run, if its trigger was lost (beat down at the
+    time, or its message dropped by a Redis restart), is recorded now; one that exists is
+    left alone (``ops.nightly_catch_up``)."""
+    from shared.config import get_settings
+
+    if get_settings().nightly_catch_up:
+        app = getattr(sender, "app", None)
+        if app is not None:
+            app.send_task("ops.nightly_catch_up", queue="ops")

@@ -183,6 +183,26 @@ def nightly_score(model: str | None = None) -> str | list[str] | None:
     return [str(j) for m in scorable_models() if (j := schedule_nightly_run(m, night))]
 
 
+def catch_up_nightly(now: datetime | None = None) -> list[uuid.UUID]:
+    """Record the latest scheduled nightly run of each model if it is missing (its trigger
+    was lost); the per-night unique key makes this a no-op where the run exists."""
+    from workers.beat import last_fire
+
+    now = now or datetime.now(UTC)
+    fire = last_fire(get_settings().nightly_score_cron, now)
+    if fire is None:
+        return []
+    caught = [j for m in scorable_models() if (j := schedule_nightly_run(m, fire.date()))]
+    if caught:
+        log.warning("caught up %d nightly runs of %s", len(caught), fire.date())
+    return caught
+
+
+@celery_app.task(name="ops.nightly_catch_up", queue="ops")
+def nightly_catch_up() -> list[str]:
+    return [str(j) for j in catch_up_nightly()]
+
+
 @celery_app.task(name="ops.prune_prediction_logs", queue="ops")
 def prune_prediction_logs() -> int:
     days = get_settings().prediction_log_retention_days
