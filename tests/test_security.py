@@ -356,3 +356,27 @@ def test_feature_rows_belong_to_their_tenant(stack: Stack, owner: httpx.Client, 
     assert job["status"] == "failed" and job["error"]["code"] == "unknown_entity"
     scored = wait_done(client, submit(client, type="score").json()["id"], timeout=60)
     assert scored["status"] == "succeeded" and scored["result"]["rows_scored"] == 0
+
+
+def test_readyz_waits_for_a_worker_with_its_models_loaded(stack: Stack) -> None:
+    """A worker process is alive (its heartbeat key exists) before it is ready (its value
+    says it has loaded the production versions); /readyz waits for ready."""
+    from redis import Redis
+
+    from shared.config import get_settings
+
+    prefix = f"iqready{uuid.uuid4().hex[:6]}"
+    api, url = start_api({"INFERQ_REDIS_PREFIX": prefix})
+    redis = Redis.from_url(get_settings().redis_url)
+    try:
+        assert httpx.get(url + "/readyz", timeout=30).status_code == 503  # no worker at all
+        redis.set(f"{prefix}:worker:host:1", "loading", ex=60)
+        ready = httpx.get(url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["checks"]["workers"]["ok"] is False
+        redis.set(f"{prefix}:worker:host:2", "ready", ex=60)
+        ready = httpx.get(url + "/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        assert "1 with their models loaded" in ready.json()["checks"]["workers"]["detail"]
+    finally:
+        api.stop()
+        redis.delete(f"{prefix}:worker:host:1", f"{prefix}:worker:host:2")

@@ -49,13 +49,19 @@ def heartbeat_key(name: str) -> str:
     return get_settings().key("worker", name)
 
 
+#: What the heartbeat key says: ``loading`` until the first preload of the production
+#: versions is done, then ``ready`` (what /readyz waits for).
+_state = "loading"
+
+
 def _report() -> None:
-    """This process is alive: /readyz counts these keys, and the sweeper retakes the predict
-    jobs of a process whose key has lapsed (three periods without a renewal)."""
+    """This process is alive (the key exists: the sweeper retakes the predict jobs of a
+    process whose key has lapsed, three periods without a renewal) and whether it has
+    loaded the production versions yet (its value, which /readyz reads)."""
     try:
         s = get_settings()
         ttl = max(1, round(3 * s.worker_heartbeat_s))
-        redis_client().set(heartbeat_key(worker_name()), "1", ex=ttl)
+        redis_client().set(heartbeat_key(worker_name()), _state, ex=ttl)
     except Exception:
         log.warning("could not report to Redis", exc_info=True)
 
@@ -80,9 +86,13 @@ def _preload() -> None:
 def _watch_promotions() -> None:
     """Preload every production version at once, then each newly promoted one, so the first
     job on it never pays the load."""
+    global _state
     interval = get_settings().model_poll_s
     while True:
         _preload()
+        if _state != "ready":
+            _state = "ready"
+            _report()
         if _stop.wait(interval):
             return
 

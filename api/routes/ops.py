@@ -61,18 +61,23 @@ class NoWorkersError(RuntimeError):
 
 
 def _workers() -> str:
-    """Worker processes refresh a heartbeat key every few seconds (see workers.runtime)."""
-    names = list(redis_sync().scan_iter(get_settings().key("worker", "*"), count=1000))
+    """Worker processes refresh a heartbeat key every few seconds, whose value says whether
+    they have loaded the production versions yet (see workers.runtime)."""
+    redis = redis_sync()
+    names = list(redis.scan_iter(get_settings().key("worker", "*"), count=1000))
     if not names:
         raise NoWorkersError("no worker process has renewed its heartbeat lately")
-    return f"{len(names)} worker processes"
+    ready = sum(1 for v in redis.mget(names) if v == b"ready")
+    if not ready:
+        raise NoWorkersError(f"{len(names)} worker processes, none has loaded its models yet")
+    return f"{len(names)} worker processes, {ready} with their models loaded"
 
 
 _UNAVAILABLE = {
     "database": "cannot query the database",
     "redis": "cannot reach Redis",
     "broker": "cannot reach the broker",
-    "workers": "no worker process has renewed its heartbeat lately",
+    "workers": "no worker process is alive with its models loaded",
 }
 
 
