@@ -318,7 +318,19 @@ def test_bad_artifacts_are_refused(stack: Stack, admin, data, gbt) -> None:
     schema = {"features": [{"name": n, "type": "float"} for n in ["age", "income", "plan"]]}
     r = upload(admin, name, blob, trusted=untrusted, schema=schema)
     _refused(admin, name, r, ["body", "metadata", "schema"], "missing ['region', 'tickets']")
-    # A sample that lacks a feature; a threshold on a regressor; a name that is not one.
+    # A sample outside a declared bound.
+    declared = {
+        "features": [
+            {"name": "age", "type": "int", "min": 18, "max": 20},
+            {"name": "income", "type": "float"},
+            {"name": "plan", "type": "str"},
+            {"name": "region", "type": "str"},
+            {"name": "tickets", "type": "int"},
+        ]
+    }
+    r = upload(admin, name, blob, trusted=untrusted, schema=declared, sample=sample)
+    _refused(admin, name, r, ["body", "metadata", "sample"], "column 'age'")
+    # A sample that lacks a feature; a feature table that does not exist; a bad name.
     r = upload(admin, name, blob, trusted=untrusted, sample=[{"age": 3}])
     _refused(admin, name, r, ["body", "metadata", "schema"], "lacks the model's features")
     r = upload(admin, name, blob, trusted=untrusted, sample=sample, feature_table="nope_table")

@@ -156,10 +156,9 @@ def _sample_rows(sample: pd.DataFrame, schema: dict[str, Any]) -> list[dict[str,
         rows.append({k: _plain(v) for k, v in rec.items()})
     errors = validate_rows(rows, schema, loc=("sample",))
     if errors:
-        e = errors[0]
-        raise IntakeError(
-            "sample", f"row {e['loc'][1]}, {e['loc'][2] if len(e['loc']) > 2 else ''}: {e['msg']}"
-        )
+        where = errors[0]["loc"][1:]  # [row] or [row, column]
+        column = f", column {where[1]!r}" if len(where) > 1 else ""
+        raise IntakeError("sample", f"sample row {where[0]}{column}: {errors[0]['msg']}")
     return rows
 
 
