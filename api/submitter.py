@@ -56,6 +56,10 @@ MAX_BATCH = 1000
 CONNECTIONS = 2
 #: Seconds a connect or an insert may take before the batch is answered 503.
 DB_TIMEOUT_S = 5.0
+#: The server gives up on a statement first, so an INSERT the API has stopped waiting for
+#: can never commit afterwards behind its 503 (a client-side timeout alone leaves it
+#: running on the server, for instance queued behind a lock, to commit later).
+STATEMENT_TIMEOUT_MS = int((DB_TIMEOUT_S - 1.0) * 1000)
 
 
 class DatabaseUnavailableError(RuntimeError):
@@ -160,7 +164,11 @@ class GroupCommitter:
                 return conn
         try:
             return await AsyncConnection.connect(
-                libpq_dsn(), timeout=DB_TIMEOUT_S, connect_timeout=3, application_name="inferq-api"
+                libpq_dsn(),
+                timeout=DB_TIMEOUT_S,
+                connect_timeout=3,
+                application_name="inferq-api",
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
             )
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             raise DatabaseUnavailableError(f"cannot connect: {exc}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 
 import httpx
@@ -306,3 +307,36 @@ def test_a_database_that_refuses_the_insert_is_503_and_records_nothing(stack) ->
         with session_scope() as session:
             session.execute(text(f"DROP OWNED BY {role}"))
             session.execute(text(f"DROP ROLE {role}"))
+
+
+def test_a_submit_answered_503_is_never_recorded_afterwards(stack) -> None:  # type: ignore[no-untyped-def]
+    """The API stops waiting for its INSERT after a few seconds and answers 503; the server
+    must have given up on that INSERT first, or it would commit later, behind the 503 (here
+    it waits on another transaction's row with the same Idempotency-Key)."""
+    from datetime import UTC, datetime
+
+    from shared.db import get_engine
+
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    key = f"held-{uuid.uuid4().hex[:8]}"
+    with make_client(stack, tenant=tenant) as c:
+        raw = get_engine().raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute(
+                "INSERT INTO jobs (id, tenant, type, model, status, priority, request, "
+                "idempotency_key, attempts, created_at) VALUES "
+                "(%s, %s, 'predict', 'churn', 'queued', 'normal', '{}', %s, 0, %s)",
+                (str(uuid.uuid4()), tenant, key, datetime.now(UTC)),
+            )  # not committed: the API's INSERT with the same key waits for it
+            r = c.post(
+                "/v1/jobs",
+                json={"model": "churn", "inputs": [ROW]},
+                headers={"Idempotency-Key": key},
+            )
+            assert r.status_code == 503, r.text
+        finally:
+            raw.rollback()  # the held row goes; a still-running INSERT would now commit
+            raw.close()
+        time.sleep(1.0)
+        assert _count_jobs(tenant) == 0
