@@ -145,11 +145,8 @@ def register_version(
             registry.promote(session, name=name, version=mv.version)
     except IntakeError as exc:
         session.rollback()
-        field = exc.field if exc.field in ("artifact", "name") else None
-        loc = ["path", "name"] if field == "name" else ["body", field or "metadata"]
-        if field is None:
-            loc.append(exc.field)
-        raise _invalid(loc, str(exc)) from None
+        own = {"name": ["path", "name"], "artifact": ["body", "artifact"]}
+        raise _invalid(own.get(exc.field, ["body", "metadata", exc.field]), str(exc)) from None
     session.commit()
     registry_view.invalidate()
     return version_view(mv)
