@@ -25,7 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import redis_async, redis_sync
 from api.fastpath import BodyTooLargeError, FastPath
 from api.routes import jobs, models, ops
-from api.submitter import BrokerUnavailableError, DatabaseUnavailableError, JobRejectedError
+from api.submitter import (
+    BrokerUnavailableError,
+    DatabaseUnavailableError,
+    JobRejectedError,
+    OutcomeUnknownError,
+)
 from api.waiter import waiter
 from shared import keys
 from shared.config import get_settings
@@ -184,6 +189,27 @@ def _unavailable(what: str):  # type: ignore[no-untyped-def]
     return handler
 
 
+async def _outcome_unknown(request: Request, exc: OutcomeUnknownError) -> JSONResponse:
+    log.error("%s", exc, extra={"job_id": str(exc.job_id)})
+    retry = (
+        "retry with the same Idempotency-Key"
+        if exc.idempotency_key
+        else "retry only after looking it up (or send an Idempotency-Key next time)"
+    )
+    return JSONResponse(
+        {
+            "detail": (
+                "database unavailable while recording the job: it may have been recorded, "
+                f"and then it runs; look it up with GET /v1/jobs/{exc.job_id}, or {retry}"
+            ),
+            "job_id": str(exc.job_id),
+            "outcome": "unknown",
+        },
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _rejected(request: Request, exc: JobRejectedError) -> JSONResponse:
     detail = [{"type": "value_error", "loc": ["body"], "msg": str(exc), "input": None}]
     return JSONResponse({"detail": detail}, status_code=422)
@@ -246,6 +272,7 @@ def create_api() -> FastAPI:
             app.add_exception_handler(exc, _unavailable(what))
     app.add_exception_handler(RecursionError, _too_deep)  # type: ignore[arg-type]
     app.add_exception_handler(JobRejectedError, _rejected)  # type: ignore[arg-type]
+    app.add_exception_handler(OutcomeUnknownError, _outcome_unknown)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
     return app
 

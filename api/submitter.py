@@ -11,10 +11,20 @@ micro-batched, does a Celery message go out. Only then are the requests answered
 Up to ``CONNECTIONS`` batches are in flight at once, each on its own connection: while
 one waits for its commit, the next is already being sent.
 
-If the insert fails nothing was accepted (503). If Redis or the broker fails the batch is
-withdrawn (deleted) before the 503; a job that cannot be withdrawn (a worker took it
-meanwhile, or Postgres went too) is still recorded, so it is answered 202 and the sweeper
-sends it: a 503 never hides an accepted job.
+A 503 means the job is certainly not recorded, or certainly will not run:
+
+- The INSERT fails with an answer (or the server gives up on it, ``statement_timeout``):
+  nothing was written.
+- The INSERT's answer is lost (the connection broke, the server crashed): it may have
+  committed. The batch is withdrawn by id (deleted while still queued), retried for a few
+  seconds; a job found taken meanwhile was recorded after all, and is answered 202. If
+  Postgres cannot be reached for the withdrawal, a withdrawal mark goes to Redis, and the
+  sweeper deletes a marked job instead of sending it. Only if both fail is the answer
+  "outcome unknown" (``OutcomeUnknownError``: 503 with the job id to look up, or the same
+  Idempotency-Key to retry with).
+- Redis or the broker fails after the commit: the batch is withdrawn the same way; a job
+  that cannot be withdrawn (a worker took it) is still recorded, so it is answered 202 and
+  the sweeper sends it if need be.
 """
 
 from __future__ import annotations
@@ -30,12 +40,14 @@ from datetime import datetime
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 
 from api.deps import redis_async
 from api.pgasync import AsyncConnection
 from api.waiter import waiter
 from shared.config import get_settings
 from shared.db import libpq_dsn
+from shared.jobs import WITHDRAWN_TTL_S, withdrawn_key
 from workers.dispatch import BELL_TTL_MS, bell_key, enqueue, push_pending
 
 __all__ = [
@@ -46,6 +58,7 @@ __all__ = [
     "BrokerUnavailableError",
     "IdempotencyKeyTakenError",
     "JobRejectedError",
+    "OutcomeUnknownError",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,9 @@ DB_TIMEOUT_S = 5.0
 #: can never commit afterwards behind its 503 (a client-side timeout alone leaves it
 #: running on the server, for instance queued behind a lock, to commit later).
 STATEMENT_TIMEOUT_MS = int((DB_TIMEOUT_S - 1.0) * 1000)
+#: Tries, and seconds between them, to withdraw a batch whose INSERT answer was lost.
+WITHDRAW_TRIES = 3
+WITHDRAW_PAUSE_S = 1.0
 
 
 class DatabaseUnavailableError(RuntimeError):
@@ -68,6 +84,16 @@ class DatabaseUnavailableError(RuntimeError):
 
 class BrokerUnavailableError(RuntimeError):
     """The jobs could not be put on the broker; they were withdrawn."""
+
+
+class OutcomeUnknownError(RuntimeError):
+    """The INSERT's answer was lost and neither Postgres nor Redis could be reached to take
+    the job back: it may be recorded (and then runs). The client learns its id."""
+
+    def __init__(self, job_id: uuid.UUID, idempotency_key: str | None) -> None:
+        super().__init__(f"the outcome of job {job_id} is unknown")
+        self.job_id = job_id
+        self.idempotency_key = idempotency_key
 
 
 class IdempotencyKeyTakenError(RuntimeError):
@@ -102,6 +128,7 @@ _INSERT = (
 )
 _ROW = "(%s::uuid, %s, %s, %s, %s, 'queued', %s, %s::jsonb, %s::jsonb, %s, %s, 0, %s)"
 _WITHDRAW = "DELETE FROM jobs WHERE id = ANY(%s::uuid[]) AND status = 'queued' RETURNING id"
+_PRESENT = "SELECT id FROM jobs WHERE id = ANY(%s::uuid[])"
 
 _Waiting = tuple[NewJob, "asyncio.Future[None]"]
 
@@ -196,12 +223,16 @@ class GroupCommitter:
                 except Exception as failure:
                     outcomes[job.id] = failure
             return outcomes
+        except psycopg2.errors.QueryCanceled as exc:
+            # The server gave up on the INSERT (statement_timeout): nothing was written.
+            log.error("could not record %d jobs: %r", len(jobs), exc)
+            if not conn.closed:
+                self._idle.append(conn)
+            raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             log.error("could not record %d jobs: %r", len(jobs), exc)
-            # The INSERT may have committed before its answer was lost: take it back,
-            # so the 503 does not hide jobs that would run anyway.
-            await self._withdraw(None, jobs)
-            raise DatabaseUnavailableError(str(exc) or type(exc).__name__) from exc
+            # The INSERT may have committed before its answer was lost.
+            return await self._take_back(jobs, DatabaseUnavailableError(str(exc) or "lost"))
         recorded = {uuid.UUID(str(r[0])) for r in returned}
         accepted = [j for j in jobs if j.id in recorded]
         outcomes = {
@@ -252,6 +283,39 @@ class GroupCommitter:
                 with contextlib.suppress(Exception):
                     await redis_async().delete(bell_key())
             raise
+
+    async def _take_back(
+        self, jobs: list[NewJob], error: DatabaseUnavailableError
+    ) -> dict[uuid.UUID, Exception]:
+        """After a lost INSERT answer: each job refused with ``error`` once it is certainly
+        not going to run, accepted if a worker already took it, else outcome unknown."""
+        ids = [str(j.id) for j in jobs]
+        for attempt in range(WITHDRAW_TRIES):
+            if attempt:
+                await asyncio.sleep(WITHDRAW_PAUSE_S)
+            try:
+                conn = await self._connection()
+                await conn.fetchall(_WITHDRAW, (ids,))
+                taken = {uuid.UUID(str(r[0])) for r in await conn.fetchall(_PRESENT, (ids,))}
+            except Exception as exc:
+                log.warning("withdrawal after a lost answer failed (try %d): %r", attempt + 1, exc)
+                continue
+            if not conn.closed:
+                self._idle.append(conn)
+            for j in jobs:
+                if j.id in taken:  # recorded, and a worker has it: accepted after all
+                    waiter.accepted(str(j.id), j.tenant)
+            return {j.id: error for j in jobs if j.id not in taken}
+        try:
+            pipe = redis_async().pipeline(transaction=False)
+            for j in jobs:
+                pipe.set(withdrawn_key(j.id), "1", ex=WITHDRAWN_TTL_S)
+            await pipe.execute()
+        except Exception as exc:
+            log.error("could not mark %d jobs withdrawn: %r", len(jobs), exc)
+            return {j.id: OutcomeUnknownError(j.id, j.idempotency_key) for j in jobs}
+        log.warning("marked %d jobs withdrawn until Postgres answers", len(jobs))
+        return {j.id: error for j in jobs}
 
     async def _withdraw(self, conn: AsyncConnection | None, jobs: list[NewJob]) -> set[uuid.UUID]:
         """Delete the jobs that are still queued; returns the ids deleted (a job a worker

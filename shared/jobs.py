@@ -40,6 +40,8 @@ __all__ = [
     "cancel",
     "heartbeat",
     "ended_hooks",
+    "withdrawn_key",
+    "WITHDRAWN_TTL_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,17 @@ class JobRow:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
+
+
+#: How long a withdrawal mark lasts: longer than Postgres is expected to stay away.
+WITHDRAWN_TTL_S = 7 * 24 * 3600
+
+
+def withdrawn_key(job_id: uuid.UUID | str) -> str:
+    """The Redis key marking a job the API withdrew while Postgres could not be reached
+    (the INSERT's answer was lost, the client told 503): if the job turns out recorded,
+    the sweeper deletes it instead of sending it."""
+    return get_settings().key("withdrawn", str(job_id))
 
 
 def _iso(ts: datetime | None) -> str | None:

@@ -340,3 +340,91 @@ def test_a_submit_answered_503_is_never_recorded_afterwards(stack) -> None:  # t
             raw.close()
         time.sleep(1.0)
         assert _count_jobs(tenant) == 0
+
+
+@pytest.fixture
+def pg_proxy():  # type: ignore[no-untyped-def]
+    from shared.config import get_settings
+    from tests.pgproxy import PgProxy
+
+    proxy = PgProxy(get_settings().database_url)
+    yield proxy
+    proxy.close()
+
+
+def _job_of(tenant: str) -> dict | None:
+    with session_scope() as session:
+        row = session.execute(
+            text("SELECT id, status, attempts FROM jobs WHERE tenant = :t"), {"t": tenant}
+        ).first()
+        return dict(row._mapping) if row else None
+
+
+def test_a_lost_insert_answer_is_withdrawn_before_the_503(stack, pg_proxy) -> None:  # type: ignore[no-untyped-def]
+    """The INSERT commits but its answer never arrives: the API takes the job back by id
+    before it answers 503, so a client that retries does not get it run twice."""
+    api, url = start_api({"INFERQ_DATABASE_URL": pg_proxy.url})
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        with make_client(stack, tenant=tenant, base_url=url) as c:
+            pg_proxy.lose_next_insert()
+            r = c.post("/v1/jobs", json={"model": "churn", "inputs": [ROW]})
+            assert pg_proxy.inserts_lost == 1
+            assert r.status_code == 503, r.text
+            assert "nothing was accepted" in r.json()["detail"]
+            assert _job_of(tenant) is None
+    finally:
+        api.stop()
+
+
+def test_a_lost_insert_answer_with_postgres_away_is_marked_withdrawn(stack, pg_proxy) -> None:  # type: ignore[no-untyped-def]
+    """Postgres cannot be reached to take the job back: a withdrawal mark in Redis makes
+    the sweeper delete the recorded job instead of sending it, so the 503 stays true."""
+    from datetime import timedelta
+
+    from shared.jobs import withdrawn_key
+    from workers.runtime import redis_client
+    from workers.tasks.maintenance import sweep_once
+
+    api, url = start_api({"INFERQ_DATABASE_URL": pg_proxy.url})
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        with make_client(stack, tenant=tenant, base_url=url) as c:
+            pg_proxy.lose_next_insert(refuse_for=8)
+            r = c.post("/v1/jobs", json={"model": "churn", "inputs": [ROW]})
+            assert r.status_code == 503, r.text
+            job = _job_of(tenant)
+            assert job is not None and job["status"] == "queued"  # the INSERT did commit
+            assert redis_client().get(withdrawn_key(job["id"])) is not None
+            with session_scope() as session:  # old enough for the sweeper to look at it
+                session.execute(
+                    text("UPDATE jobs SET created_at = created_at - :d WHERE id = :id"),
+                    {"d": timedelta(minutes=5), "id": job["id"]},
+                )
+            sweep_once()
+            assert _job_of(tenant) is None  # deleted, never sent
+            assert redis_client().get(withdrawn_key(job["id"])) is None
+    finally:
+        api.stop()
+
+
+def test_a_lost_insert_answer_with_postgres_and_redis_away_names_the_job(stack, pg_proxy) -> None:  # type: ignore[no-untyped-def]
+    """Neither Postgres nor Redis can take the job back: the 503 says the outcome is
+    unknown and gives the job's id, which the ledger does hold."""
+    from shared.embedded import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    api, url = start_api({"INFERQ_DATABASE_URL": pg_proxy.url, "INFERQ_REDIS_URL": dead})
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        with make_client(stack, tenant=tenant, base_url=url) as c:
+            pg_proxy.lose_next_insert(refuse_for=8)
+            r = c.post("/v1/jobs", json={"model": "churn", "inputs": [ROW]})
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["outcome"] == "unknown"
+            assert f"GET /v1/jobs/{body['job_id']}" in body["detail"]
+            job = _job_of(tenant)
+            assert job is not None and str(job["id"]) == body["job_id"]
+    finally:
+        api.stop()

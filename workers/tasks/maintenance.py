@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, text, update
+from sqlalchemy import Row, and_, delete, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.jobs import JobStatus
+from shared.jobs import JobStatus, withdrawn_key
 from shared.models.registry import list_versions, production_versions
 from shared.orm import Job, PredictionLog, ScoringRun
 from workers.app import celery_app
@@ -36,7 +39,7 @@ def sweep_once() -> int:
     lease_cutoff = now - timedelta(seconds=s.running_lease_s)
     with session_scope() as session:
         rows = session.execute(
-            select(Job.id, Job.type, Job.priority)
+            select(Job.id, Job.type, Job.priority, Job.status)
             .where(
                 Job.finished_at.is_(None),  # the condition of ix_jobs_unfinished
                 or_(
@@ -54,12 +57,32 @@ def sweep_once() -> int:
         ).all()
         if not rows:
             return 0
+        rows = _drop_withdrawn(session, rows)
+        if not rows:
+            return 0
         session.execute(update(Job).where(Job.id.in_([r.id for r in rows])).values(enqueued_at=now))
     # Sent only after the commit: a worker claiming while this transaction still held the
     # rows would skip them (SKIP LOCKED), and they would wait for the next requeue.
     enqueue([(r.id, r.type, r.priority) for r in rows])
     log.warning("sweeper re-sent %d stuck jobs", len(rows))
     return len(rows)
+
+
+def _drop_withdrawn(session: Session, rows: Sequence[Row[Any]]) -> list[Row[Any]]:
+    """Delete the queued jobs the API marked withdrawn (their INSERT's answer was lost and
+    the client was told 503; see ``api.submitter``); returns the other rows."""
+    queued = [r.id for r in rows if r.status == JobStatus.QUEUED]
+    if not queued:
+        return list(rows)
+    redis = redis_client()
+    marks = redis.mget([withdrawn_key(i) for i in queued])
+    withdrawn = [i for i, mark in zip(queued, marks, strict=True) if mark is not None]
+    if not withdrawn:
+        return list(rows)
+    session.execute(delete(Job).where(Job.id.in_(withdrawn), Job.status == JobStatus.QUEUED))
+    redis.delete(*(withdrawn_key(i) for i in withdrawn))
+    log.warning("deleted %d jobs withdrawn while Postgres was away", len(withdrawn))
+    return [r for r in rows if r.id not in set(withdrawn)]
 
 
 def retake_orphans() -> list[uuid.UUID]:
