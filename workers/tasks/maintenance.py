@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, or_, select, text, update
+from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,7 +38,7 @@ def sweep_once() -> int:
     queued_cutoff = now - timedelta(seconds=s.requeue_after_s)
     lease_cutoff = now - timedelta(seconds=s.running_lease_s)
     with session_scope() as session:
-        rows = session.execute(
+        found = session.execute(
             select(Job.id, Job.type, Job.priority, Job.status)
             .where(
                 Job.finished_at.is_(None),  # the condition of ix_jobs_unfinished
@@ -55,9 +55,7 @@ def sweep_once() -> int:
             .limit(SWEEP_LIMIT)
             .with_for_update(skip_locked=True)
         ).all()
-        if not rows:
-            return 0
-        rows = _drop_withdrawn(session, rows)
+        rows = _drop_withdrawn(session, found) if found else []
         if not rows:
             return 0
         session.execute(update(Job).where(Job.id.in_([r.id for r in rows])).values(enqueued_at=now))
@@ -68,7 +66,7 @@ def sweep_once() -> int:
     return len(rows)
 
 
-def _drop_withdrawn(session: Session, rows: Sequence[Row[Any]]) -> list[Row[Any]]:
+def _drop_withdrawn(session: Session, rows: Sequence[Any]) -> list[Any]:
     """Delete the queued jobs the API marked withdrawn (their INSERT's answer was lost and
     the client was told 503; see ``api.submitter``); returns the other rows."""
     queued = [r.id for r in rows if r.status == JobStatus.QUEUED]
