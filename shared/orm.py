@@ -30,6 +30,7 @@ __all__ = [
     "Base",
     "ApiKey",
     "Job",
+    "CallbackDelivery",
     "ModelArtifact",
     "ModelVersion",
     "ModelFollow",
@@ -113,6 +114,40 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class CallbackDelivery(Base):
+    """The outbox of callbacks: one row per ended job that asked for one, written by a
+    trigger on ``jobs`` in the very transaction that ends the job (see migration 0005),
+    so a callback is never lost between the commit and its send. ``id`` is the delivery
+    id the receiver sees on every attempt (``X-Inferq-Delivery``) and can de-duplicate on.
+    """
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (
+        # The sweeper's scan: deliveries still owed, by when they are due.
+        Index(
+            "ix_callback_deliveries_due",
+            "next_at",
+            postgresql_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), unique=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    #: When the next attempt is due (or, while one runs, when its lease ends).
+    next_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    gave_up_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ModelArtifact(Base):

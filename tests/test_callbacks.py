@@ -80,6 +80,11 @@ def test_a_failing_receiver_is_retried(stack: Stack, client: httpx.Client) -> No
         attempts = [h["x-inferq-attempt"] for h, _ in flaky.received]
         assert attempts == ["1", "2"]
         assert all(b["id"] == job_id for _, b in flaky.received)
+        # One delivery, one id on every attempt: what a receiver de-duplicates on.
+        deliveries = {h["x-inferq-delivery"] for h, _ in flaky.received}
+        row = wait_for(lambda: _delivery(job_id, delivered=True), 10, "the delivered row")
+        assert deliveries == {str(row["id"])}
+        assert row["attempts"] == 2 and row["last_status"] == 200
     finally:
         flaky.close()
 
@@ -121,3 +126,61 @@ def test_names_are_checked_after_resolution() -> None:
     with pytest.raises(CallbackRefusedError, match="internal"):
         check_url(f"http://{host}:8080/x", allow_private=False)
     check_url(f"http://{host}:8080/x", allow_private=True)
+
+
+def _delivery(job_id: str, *, delivered: bool = False) -> dict | None:
+    from sqlalchemy import text
+
+    from shared.db import session_scope
+
+    with session_scope() as session:
+        row = session.execute(
+            text("SELECT * FROM callback_deliveries WHERE job_id = :j"), {"j": job_id}
+        ).first()
+    if row is None or (delivered and row.delivered_at is None):
+        return None
+    return dict(row._mapping)
+
+
+def test_a_callback_whose_message_was_lost_is_sent_from_the_outbox(
+    stack: Stack, client: httpx.Client, receiver: Receiver
+) -> None:
+    """The job's end and its delivery commit together; a worker that dies before sending
+    the message (here: the end is written by hand, so no message goes) loses nothing,
+    the sweeper sends what is due."""
+    from sqlalchemy import text
+
+    from shared.db import session_scope
+    from workers.tasks.maintenance import resend_callbacks
+
+    job_id = record_queued(client, {"inputs": [ROW], "callback_url": receiver.url})
+    with session_scope() as session:
+        session.execute(text("UPDATE jobs SET status = 'running' WHERE id = :j"), {"j": job_id})
+    assert _delivery(job_id) is None  # only an end writes one
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE jobs SET status = 'succeeded', result = '{\"predictions\": []}', "
+                "finished_at = now() WHERE id = :j"
+            ),
+            {"j": job_id},
+        )
+    row = _delivery(job_id)
+    assert row is not None and row["attempts"] == 0 and row["url"] == receiver.url
+    time.sleep(1.0)
+    assert receiver.received == []  # no message was sent
+    with session_scope() as session:  # past the grace a new delivery gets
+        session.execute(
+            text("UPDATE callback_deliveries SET next_at = now() WHERE job_id = :j"), {"j": job_id}
+        )
+    assert resend_callbacks() >= 1
+    wait_for(lambda: receiver.received, 20, "the callback from the outbox")
+    headers, body = receiver.received[0]
+    assert body["id"] == job_id and body["status"] == "succeeded"
+    assert headers["x-inferq-delivery"] == str(row["id"])
+    assert wait_for(lambda: _delivery(job_id, delivered=True), 10, "the delivered row")
+    from workers.tasks.callbacks import due_deliveries
+
+    assert job_id not in due_deliveries()  # delivered: never sent again
+    time.sleep(0.5)
+    assert len(receiver.received) == 1

@@ -1,4 +1,4 @@
-"""Beat's housekeeping: the stuck-job sweeper and prediction-log retention."""
+"""Beat's housekeeping: the stuck-job sweeper, due callbacks, nightly runs and retention."""
 
 from __future__ import annotations
 
@@ -133,7 +133,19 @@ def retake_orphans() -> list[uuid.UUID]:
 
 @celery_app.task(name="ops.sweep", queue="ops")
 def sweep() -> int:
-    return sweep_once() + len(retake_orphans())
+    return sweep_once() + len(retake_orphans()) + resend_callbacks()
+
+
+def resend_callbacks() -> int:
+    """Send the callback deliveries that are due (see ``workers.tasks.callbacks``)."""
+    from workers.tasks.callbacks import due_deliveries
+
+    due = due_deliveries()
+    for job_id in due:
+        celery_app.send_task("ops.callback", args=[job_id], queue="ops")
+    if due:
+        log.info("sent %d due callback deliveries", len(due))
+    return len(due)
 
 
 def schedule_nightly_run(model: str, night: date) -> uuid.UUID | None:
