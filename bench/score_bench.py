@@ -349,6 +349,12 @@ def run_tutorial(
     features = CHURN_SCHEMA["features"]
     engine = create_engine(get_settings().database_url, poolclass=NullPool)
     run_id = str(uuid.uuid4())
+    # Its rows go where a run's go: a partition of predictions of their own (set-up, not
+    # timed; a tutorial writing into a plain table would get the same).
+    from shared.scoring import ensure_partition
+
+    with engine.begin() as conn:
+        ensure_partition(conn.connection.cursor(), uuid.UUID(run_id))
     res = TutorialResult(cpu=CpuAccount(roots))
     res.cpu.__enter__()
     start = time.perf_counter()

@@ -113,7 +113,18 @@ class Settings(BaseSettings):
     running_lease_s: float = Field(
         600.0, description="A running job with no heartbeat for this long is re-sent."
     )
-    prediction_log_retention_days: int = 30
+    prediction_log_retention_days: int = Field(
+        30, ge=1, description="Prediction logs older than this are deleted."
+    )
+    job_retention_days: int = Field(
+        30, ge=1, description="Jobs that ended longer ago than this are deleted."
+    )
+    scoring_run_retention_days: int = Field(
+        30,
+        ge=1,
+        description="Score runs (and their predictions) that ended longer ago than this are "
+        "dropped; each model's latest succeeded run is kept.",
+    )
     nightly_score_cron: str = Field("0 2 * * *", description="Nightly churn scoring, UTC.")
     nightly_tenant: str = Field("default", description="Tenant that owns scheduled runs.")
     nightly_catch_up: bool = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,17 @@ NAMING = {
 }
 
 
+#: A run's partition of ``predictions``: not in the models, created per run.
+RUN_PARTITION = re.compile(r"^predictions_[0-9a-f]{32}$")
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare: Any) -> bool:
+    """For comparing the models with the database: the per-run partitions (and their
+    indexes) are not part of the declared schema."""
+    table = getattr(obj, "table", obj) if type_ != "table" else obj
+    return not RUN_PARTITION.match(str(getattr(table, "name", name) or ""))
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB}
@@ -91,6 +103,8 @@ class Job(Base):
         # status, so compare-and-sets by id are never planned through it (it is full of
         # dead entries between vacuums; see migration 0002).
         Index("ix_jobs_unfinished", "created_at", postgresql_where=text("finished_at IS NULL")),
+        # Retention's range scan; BRIN, as jobs arrive in time order (migration 0006).
+        Index("ix_jobs_created_at_brin", "created_at", postgresql_using="brin"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -273,10 +287,16 @@ class ScoringChunk(Base):
 
 
 class Prediction(Base):
-    """A score job's row; (run_id, entity_id) is unique so a chunk run twice writes nothing new."""
+    """A score job's row; (run_id, entity_id) is unique so a chunk run twice writes nothing new.
+
+    Partitioned by run: each run has a partition of its own (``shared.scoring``), dropped
+    whole when retention ends the run."""
 
     __tablename__ = "predictions"
-    __table_args__ = (Index("ix_predictions_entity_latest", "entity_id", text("scored_at DESC")),)
+    __table_args__ = (
+        Index("ix_predictions_entity_latest", "entity_id", text("scored_at DESC")),
+        {"postgresql_partition_by": "LIST (run_id)"},
+    )
 
     run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     entity_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

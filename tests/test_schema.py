@@ -13,13 +13,14 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from shared.db import get_engine
-from shared.orm import Base
+from shared.orm import Base, include_object
 from tests.conftest import ROOT
 
 
 def test_models_and_migrations_agree(stack) -> None:  # type: ignore[no-untyped-def]
     with get_engine().connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        opts = {"compare_type": True, "include_object": include_object}
+        ctx = MigrationContext.configure(conn, opts=opts)
         diff = compare_metadata(ctx, Base.metadata)
     assert diff == []
 

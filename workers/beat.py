@@ -65,10 +65,12 @@ def schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "schedule": s.mlflow_poll_s,
             "options": {"queue": "ops", "expires": s.mlflow_poll_s},
         },
-        "prune-prediction-logs": {
-            "task": "ops.prune_prediction_logs",
-            "schedule": _cron("17 3 * * *"),
-            "options": {"queue": "ops"},
+        # Jobs, score runs (their partitions dropped whole) and prediction logs past
+        # their retention; hourly, so each pass is small.
+        "retention": {
+            "task": "ops.retention",
+            "schedule": _cron("17 * * * *"),
+            "options": {"queue": "ops", "expires": 3000},
         },
     }
 
