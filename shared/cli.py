@@ -27,7 +27,58 @@ def _logging(process: str) -> None:
     configure_logging(level=s.log_level, json_lines=s.log_json, process=process)
 
 
-@click.group()
+class _Commands(click.Group):
+    """Configuration mistakes and unreachable servers end in one line naming the setting,
+    not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from pydantic import ValidationError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:
+            raise click.ClickException(_settings_problem(exc)) from None
+        except OperationalError as exc:
+            raise click.ClickException(
+                f"cannot reach the database at {_where('database_url')} (INFERQ_DATABASE_URL): "
+                f"{_first_line(exc.orig)}; start it, or run `inferq up` for embedded servers"
+            ) from None
+        except RedisConnectionError as exc:
+            raise click.ClickException(
+                f"cannot reach Redis at {_where('redis_url')} (INFERQ_REDIS_URL): "
+                f"{_first_line(exc)}; start it, or run `inferq up` for embedded servers"
+            ) from None
+
+
+def _settings_problem(exc: Exception) -> str:
+    errors = getattr(exc, "errors", lambda: [])()
+    lines = []
+    for e in errors:
+        field = ".".join(str(x) for x in e.get("loc", ()) if x)
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        lines.append(f"INFERQ_{field.upper()}: {msg}" if field else msg)
+    return "; ".join(lines) or _first_line(exc)
+
+
+def _first_line(exc: object) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _where(name: str) -> str:
+    """Host, port and database of a configured URL, never its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(getattr(_settings(), name))
+    except Exception:
+        return "the configured address"
+    host = url.host or url.query.get("host") or "localhost"
+    return f"{host}:{url.port}/{url.database}" if url.port else f"{host}/{url.database}"
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """inferq: asynchronous inference for scikit-learn models."""
 

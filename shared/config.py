@@ -13,11 +13,58 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings", "STACK_FILE"]
+__all__ = [
+    "Settings",
+    "get_settings",
+    "STACK_FILE",
+    "ConfigurationError",
+    "database_url",
+    "redis_url",
+]
 
 #: Written by ``inferq up`` under the data directory: the URLs of the embedded servers, so
 #: that ``inferq keys create`` or ``inferq submit`` in another shell find the running stack.
 STACK_FILE = "stack.json"
+
+
+class ConfigurationError(ValueError):
+    """A setting inferq cannot use; the message names it and says what to write."""
+
+
+#: Every way providers spell a PostgreSQL URL, as the driver inferq ships with.
+_PG_SCHEMES = {
+    "postgres": "postgresql+psycopg2",
+    "postgresql": "postgresql+psycopg2",
+    "postgresql+psycopg2": "postgresql+psycopg2",
+}
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def database_url(url: str) -> str:
+    """``url`` for SQLAlchemy with psycopg2: ``postgres://`` and ``postgresql://`` (what
+    providers print; SQLAlchemy 2.1 maps the latter to psycopg 3, not installed) become
+    ``postgresql+psycopg2://``. Anything else is a ``ConfigurationError``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _PG_SCHEMES:
+        raise ConfigurationError(
+            f"INFERQ_DATABASE_URL must be a PostgreSQL URL such as "
+            f"postgresql://user:password@host:5432/inferq (got scheme {scheme.lower()!r})"
+            if sep
+            else "INFERQ_DATABASE_URL must be a URL such as "
+            "postgresql://user:password@host:5432/inferq"
+        )
+    return f"{_PG_SCHEMES[scheme.lower()]}://{rest}"
+
+
+def redis_url(url: str, setting: str) -> str:
+    """``url`` unchanged if it is a ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in _REDIS_SCHEMES:
+        raise ConfigurationError(
+            f"{setting} must be a Redis URL such as redis://host:6379/0 "
+            f"(rediss:// for TLS, unix:///path/redis.sock); got {url.split('@')[-1]!r}"
+        )
+    return url
 
 
 class Settings(BaseSettings):
@@ -154,6 +201,10 @@ class Settings(BaseSettings):
             )
         if not self.redis_url:
             self.redis_url = stack.get("redis_url", "redis://127.0.0.1:6379/0")
+        self.database_url = database_url(self.database_url)
+        for name in ("redis_url", "broker_url", "cache_redis_url"):
+            if getattr(self, name):
+                setattr(self, name, redis_url(getattr(self, name), f"INFERQ_{name.upper()}"))
         if not self.broker_url:
             self.broker_url = self.redis_url
         if not self.cache_redis_url:
