@@ -53,7 +53,7 @@ class _Commands(click.Group):
 
 
 def _settings_problem(exc: Exception) -> str:
-    errors = getattr(exc, "errors", lambda: [])()
+    errors: list[dict] = getattr(exc, "errors", list)()
     lines = []
     for e in errors:
         field = ".".join(str(x) for x in e.get("loc", ()) if x)
