@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from kombu.exceptions import OperationalError as BrokerError
 from prometheus_client import REGISTRY, Histogram
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -253,7 +254,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_api() -> FastAPI:
     """The FastAPI application: every route, its OpenAPI description, the error handlers."""
-    app = FastAPI(
+    # /docs and /redoc from Swagger UI's and ReDoc's files installed with fastapi-offline,
+    # so they work on a machine without internet (FastAPI's own pages load them from a CDN).
+    app = FastAPIOffline(
         title="inferq",
         version="1",
         summary="Asynchronous inference for scikit-learn models.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
 __all__ = [
     "JobCreate",
@@ -19,6 +19,32 @@ __all__ = [
 ]
 
 
+#: One input row in the OpenAPI document (checked against the model's own schema, by
+#: ``api.validation``, with errors naming the row and the field).
+Row = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "object",
+            "additionalProperties": True,
+            "description": "One feature row: see GET /v1/models/{name}/row-schema.",
+        }
+    ),
+]
+#: The demo churn model's row, the example in /docs.
+EXAMPLE_ROW = {
+    "tenure_months": 12,
+    "monthly_spend": 99.0,
+    "support_tickets": 2,
+    "feature_usage_pct": 0.4,
+    "last_login_days_ago": 7,
+    "num_integrations": 3,
+    "contract_type": "annual",
+    "plan_tier": "growth",
+    "is_enterprise": 0,
+}
+
+
 # What a client sends to POST /v1/jobs.
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -28,7 +54,13 @@ class JobCreate(BaseModel):
     version: StrictInt | None = Field(
         None, ge=1, le=2**31 - 1, description="Pin a version; default production."
     )
-    inputs: list[Any] | None = Field(None, description="predict: feature rows, one object each.")
+    inputs: list[Row] | None = Field(
+        None,
+        description="predict: feature rows, one object each, feature name to value. A "
+        "model's row: `GET /v1/models/{name}/row-schema` (a JSON Schema), or its "
+        "`input_schema` in `GET /v1/models/{name}`.",
+        examples=[[EXAMPLE_ROW]],
+    )
     entity_ids: list[Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]] | None = Field(
         None, description="predict: ids in the model's feature table, instead of inputs."
     )

@@ -31,6 +31,7 @@ __all__ = ["record_ended", "count", "StatsCollector", "RUNTIME_BUCKETS", "SCORE_
 RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _SEP = "|"
+JOB_LABELS = ["type", "status", "model"]
 
 
 def _stats_key() -> str:
@@ -58,37 +59,46 @@ def record_ended(pipe: Any, jobs: Iterable[Any]) -> None:
         totals[_SEP.join(map(str, parts))] += by
 
     for job in jobs:
-        add("jobs", job.type, job.status)
+        add("jobs", job.type, job.status, job.model)
         if job.started_at and job.finished_at:
             secs = (job.finished_at - job.started_at).total_seconds()
-            add("runtime_bucket", job.type, _bucket(secs, RUNTIME_BUCKETS))
-            add("runtime_sum", job.type, by=secs)
-        preds = (job.result or {}).get("predictions") if job.status == "succeeded" else None
+            add("runtime_bucket", job.type, job.model, _bucket(secs, RUNTIME_BUCKETS))
+            add("runtime_sum", job.type, job.model, by=secs)
+        if job.status != "succeeded":
+            continue
+        result = job.result or {}
+        if job.type == "score" and result.get("rows_scored"):
+            add("predictions", job.model, job.model_version, "score", by=result["rows_scored"])
+        preds = result.get("predictions") if job.type == "predict" else None
         if preds:
-            add("predictions", job.model, job.model_version, by=len(preds))
+            add("predictions", job.model, job.model_version, "online", by=len(preds))
             for p in preds:
                 if p.get("label") is not None and 0.0 <= p["score"] <= 1.0:
                     add("score_bucket", job.model, _bucket(p["score"], SCORE_BUCKETS))
+                    add("score_sum", job.model, by=p["score"])
     key = _stats_key()
     for field, value in totals.items():
         pipe.hincrbyfloat(key, field, value)
 
 
+Labels = tuple[str, ...]
+
+
 def _cumulative(
     name: str,
     doc: str,
-    label: str,
-    buckets: dict[str, dict[str, float]],
-    sums: dict[str, float],
+    labels: list[str],
+    buckets: dict[Labels, dict[str, float]],
+    sums: dict[Labels, float],
     bounds: tuple[float, ...],
 ) -> HistogramMetricFamily:
-    h = HistogramMetricFamily(name, doc, labels=[label])
-    for value, counts in sorted(buckets.items()):
+    h = HistogramMetricFamily(name, doc, labels=labels)
+    for values, counts in sorted(buckets.items()):
         running, out = 0.0, []
         for b in [*map(str, bounds), "+Inf"]:
             running += counts.get(b, 0.0)
             out.append((b, running))
-        h.add_metric([value], out, sums.get(value, 0.0))
+        h.add_metric(list(values), out, sums.get(values, 0.0))
     return h
 
 
@@ -129,52 +139,57 @@ class StatsCollector(Collector):
         stats = self._redis.hgetall(_stats_key())
         raw = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in stats.items()}
         jobs = CounterMetricFamily(
-            "inferq_jobs", "Jobs ended, by type and status.", labels=["type", "status"]
+            "inferq_jobs", "Jobs ended, by type, status and model.", labels=JOB_LABELS
         )
         preds = CounterMetricFamily(
             "inferq_predictions",
-            "Online predictions, by model version.",
-            labels=["model", "version"],
+            "Rows predicted, by model version and source (online: predict jobs; score: "
+            "score runs, counted when the run ends).",
+            labels=["model", "version", "source"],
         )
         cache = CounterMetricFamily(
             "inferq_cache_requests",
             "Cache lookups, by cache and outcome.",
             labels=["cache", "outcome"],
         )
-        rt_buckets: dict[str, dict[str, float]] = defaultdict(dict)
-        rt_sums: dict[str, float] = {}
-        score_buckets: dict[str, dict[str, float]] = defaultdict(dict)
+        rt_buckets: dict[Labels, dict[str, float]] = defaultdict(dict)
+        rt_sums: dict[Labels, float] = {}
+        score_buckets: dict[Labels, dict[str, float]] = defaultdict(dict)
+        score_sums: dict[Labels, float] = {}
         for field, value in raw.items():
             name, *labels = field.split(_SEP)
-            if name == "jobs":
+            # Fields of an older layout (fewer labels) are left out, not misread.
+            if name == "jobs" and len(labels) == 3:
                 jobs.add_metric(labels, value)
-            elif name == "predictions":
+            elif name == "predictions" and len(labels) == 3:
                 preds.add_metric(labels, value)
             elif name == "cache":
                 cache.add_metric(labels, value)
-            elif name == "runtime_bucket":
-                rt_buckets[labels[0]][labels[1]] = value
-            elif name == "runtime_sum":
-                rt_sums[labels[0]] = value
+            elif name == "runtime_bucket" and len(labels) == 3:
+                rt_buckets[tuple(labels[:2])][labels[2]] = value
+            elif name == "runtime_sum" and len(labels) == 2:
+                rt_sums[tuple(labels)] = value
             elif name == "score_bucket":
-                score_buckets[labels[0]][labels[1]] = value
+                score_buckets[(labels[0],)][labels[1]] = value
+            elif name == "score_sum":
+                score_sums[(labels[0],)] = value
         yield jobs
         yield preds
         yield cache
         yield _cumulative(
             "inferq_job_run_seconds",
-            "Job run time, start to end.",
-            "type",
+            "Job run time, start to end, by type and model.",
+            ["type", "model"],
             rt_buckets,
             rt_sums,
             RUNTIME_BUCKETS,
         )
         yield _cumulative(
             "inferq_prediction_score",
-            "Classifier scores served.",
-            "model",
+            "Classifier scores served online, by model.",
+            ["model"],
             score_buckets,
-            {},
+            score_sums,
             SCORE_BUCKETS,
         )
         depth = GaugeMetricFamily(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -15,6 +15,7 @@ from api.schemas import ModelPublic, ModelVersionPublic, VersionMetadata
 from shared.config import get_settings
 from shared.models import registry
 from shared.models.intake import IntakeError, Submission, register_artifact, sample_frame
+from shared.models.schema import row_json_schema
 from shared.orm import ModelVersion
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -68,6 +69,34 @@ def get_model(
     if not versions:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {name!r}")
     return _model(name, versions)
+
+
+@router.get(
+    "/{name}/row-schema",
+    summary="JSON Schema of one input row",
+    response_description="A JSON Schema (2020-12) of one element of a predict job's `inputs`.",
+)
+def row_schema(
+    name: str,
+    session: SessionDep,
+    _: Annotated[Principal, require("jobs:read")],
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+) -> dict[str, Any]:
+    """What each row of `inputs` must be for this model: the production version's, or
+    `version`'s. Every feature is required and nothing else is allowed."""
+    versions = registry.list_versions(session, name)
+    if not versions:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown model {name!r}")
+    if version is None:
+        chosen = next((v for v in versions if v.stage == "production"), versions[-1])
+    else:
+        found = next((v for v in versions if v.version == version), None)
+        if found is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"model {name!r} has no version {version}"
+            )
+        chosen = found
+    return row_json_schema(chosen.input_schema, title=f"{name} v{chosen.version} input row")
 
 
 def _invalid(loc: list[Any], msg: str) -> RequestValidationError:

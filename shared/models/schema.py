@@ -101,6 +101,38 @@ def check_value(value: Any, spec: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def row_json_schema(schema: Mapping[str, Any], *, title: str = "") -> dict[str, Any]:
+    """A JSON Schema (2020-12) of one input row, as ``validate_rows`` checks it: every
+    feature required, nothing else allowed, types, bounds, categories, nullability."""
+    kinds = {"float": "number", "int": "integer", "str": "string", "bool": "boolean"}
+    properties: dict[str, Any] = {}
+    for f in schema["features"]:
+        prop: dict[str, Any] = {"type": kinds.get(f["type"], "number")}
+        if f.get("categories") is not None:
+            prop["enum"] = list(f["categories"])
+        if f.get("min") is not None:
+            prop["minimum"] = f["min"]
+        if f.get("max") is not None:
+            prop["maximum"] = f["max"]
+        if f.get("nullable"):
+            prop["type"] = [prop["type"], "null"]
+            if "enum" in prop:
+                prop["enum"] = [*prop["enum"], None]
+        if f.get("description"):
+            prop["description"] = f["description"]
+        properties[f["name"]] = prop
+    out: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+    if title:
+        out["title"] = title
+    return out
+
+
 def validate_rows(
     rows: Sequence[Any], schema: Mapping[str, Any], *, loc: tuple[Any, ...] = ("body", "inputs")
 ) -> list[Error]:
