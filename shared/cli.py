@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -21,10 +22,20 @@ def _settings():  # type: ignore[no-untyped-def]
 
 
 def _logging(process: str) -> None:
+    """Logs of a long-running process (api, worker, beat, flower): INFERQ_LOG_LEVEL, JSON."""
     from shared.logs import configure_logging
 
     s = _settings()
     configure_logging(level=s.log_level, json_lines=s.log_json, process=process)
+
+
+def _quiet_logging() -> None:
+    """Logs of a command run by a person: warnings and errors only, as plain lines on
+    stderr, so its own output stays readable; ``inferq -v`` shows everything."""
+    from shared.logs import configure_logging
+
+    verbose = bool((click.get_current_context().find_root().obj or {}).get("verbose"))
+    configure_logging(level="INFO" if verbose else "WARNING", json_lines=False, process="cli")
 
 
 class _Commands(click.Group):
@@ -79,8 +90,19 @@ def _where(name: str) -> str:
 
 
 @click.group(cls=_Commands)
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show informational log lines too.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """inferq: asynchronous inference for scikit-learn models."""
+    ctx.obj = {"verbose": verbose}
+    if ctx.invoked_subcommand not in PROCESSES:
+        _quiet_logging()
+
+
+#: Commands that run a long-lived process, which logs JSON lines itself.
+PROCESSES = frozenset({"api", "worker", "beat", "flower", "up"})
+PROGRESS_POLL_S = 0.2
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 
 
 # --- processes -------------------------------------------------------------------------
@@ -143,6 +165,7 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, celery_ar
     # Read by billiard at import: SIGTERM re-queues what the worker holds after a grace period.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     _logging("worker")
+    _keep_our_logging()
     from workers.app import celery_app
 
     s = _settings()
@@ -160,7 +183,16 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, celery_ar
     ]
     if hostname:
         argv += ["-n", hostname]
-    celery_app.worker_main([*argv, *celery_args])
+    # -q: no banner on stdout; every line the worker writes is a JSON log line.
+    celery_app.start(["-q", *argv, *celery_args])
+
+
+def _keep_our_logging() -> None:
+    """Celery configures logging itself unless a receiver of ``setup_logging`` does: the
+    one here keeps what ``_logging`` set up (JSON lines with the job id)."""
+    from celery.signals import setup_logging
+
+    setup_logging.connect(lambda **_: None, weak=False)
 
 
 @main.command()
@@ -171,7 +203,9 @@ def beat() -> None:
 
     s = _settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    celery_app.start(["beat", "--loglevel", s.log_level])
+    _keep_our_logging()
+    # -q: no banner on stdout; every line beat writes is a JSON log line.
+    celery_app.start(["-q", "beat", "--loglevel", s.log_level])
 
 
 @main.command()
@@ -182,13 +216,21 @@ def flower(host: str, port: int) -> None:
     s = _settings()
     if not s.flower_password:
         raise click.UsageError("set INFERQ_FLOWER_PASSWORD: Flower never runs without auth")
+    _logging("flower")
     from workers.app import celery_app
 
     # Through Flower's environment, not its command line, which every user of the
     # machine can read (ps).
     os.environ["FLOWER_BASIC_AUTH"] = f"{s.flower_user}:{s.flower_password}"
     celery_app.start(
-        ["flower", f"--address={host}", f"--port={port}", "--purge_offline_workers=60"]
+        # --logging=none: Tornado adds no handler of its own; its lines go through ours.
+        [
+            "flower",
+            f"--address={host}",
+            f"--port={port}",
+            "--purge_offline_workers=60",
+            "--logging=none",
+        ]
     )
 
 
@@ -239,9 +281,9 @@ def seed(customers: int, seed_value: int) -> None:
     help="Promote if it beats production (default).",
 )
 @click.option("--no-promote", "promote", flag_value="never")
-def train(model: str, promote: str) -> None:
+@JSON_OPTION
+def train(model: str, promote: str, as_json: bool) -> None:
     """Train a new version of MODEL (churn, demand, anomaly) and register it."""
-    _logging("cli")
     from shared.db import session_scope
     from shared.models.catalog import SPECS
     from shared.models.training import train as train_model
@@ -250,14 +292,18 @@ def train(model: str, promote: str) -> None:
         raise click.BadParameter(f"unknown model {model!r}; known: {', '.join(SPECS)}")
     with session_scope() as session:
         result = train_model(session, model, promote=promote)
-    click.echo(json.dumps(result))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
+    verdict = "promoted to production" if result["promoted"] else "not promoted"
+    click.echo(f"{model} v{result['version']} trained: {metrics}; {verdict}")
 
 
 @main.command("_bootstrap-demo", hidden=True)
 @click.option("--customers", default=20_000)
 def bootstrap_demo(customers: int) -> None:
     """Seed demo customers and train every built-in model, where nothing is there yet."""
-    _logging("cli")
     from sqlalchemy import text
 
     from shared.db import get_engine, session_scope
@@ -284,12 +330,28 @@ def models() -> None:
 
 
 @models.command("list")
-def models_list() -> None:
+@JSON_OPTION
+def models_list(as_json: bool) -> None:
+    """Every version: name, version, stage, kind, metrics."""
     from shared.db import session_scope
     from shared.models.registry import list_versions
 
     with session_scope() as session:
-        for v in list_versions(session):
+        versions = list_versions(session)
+        if as_json:
+            rows = [
+                {
+                    "name": v.name,
+                    "version": v.version,
+                    "stage": v.stage,
+                    "kind": v.kind,
+                    "metrics": v.metrics,
+                }
+                for v in versions
+            ]
+            click.echo(json.dumps(rows))
+            return
+        for v in versions:
             metrics = " ".join(f"{k}={val:.4f}" for k, val in v.metrics.items())
             click.echo(f"{v.name:10} v{v.version:<4} {v.stage:10} {v.kind:10} {metrics}")
 
@@ -412,13 +474,32 @@ def keys() -> None:
 
 
 @keys.command("list")
-def keys_list() -> None:
+@JSON_OPTION
+def keys_list(as_json: bool) -> None:
     """Every key: id, tenant, name, scopes, created, revoked (never the key itself)."""
     from shared.db import session_scope
     from shared.keys import list_keys
 
     with session_scope() as session:
-        for k in list_keys(session):
+        found = list_keys(session)
+        if as_json:
+            click.echo(
+                json.dumps(
+                    [
+                        {
+                            "id": k.id,
+                            "tenant": k.tenant,
+                            "name": k.name,
+                            "scopes": k.scopes,
+                            "created_at": k.created_at.isoformat(),
+                            "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                        }
+                        for k in found
+                    ]
+                )
+            )
+            return
+        for k in found:
             revoked = k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-"
             click.echo(
                 f"{k.id:<5} {k.tenant:16} {k.name or '-':16} {','.join(k.scopes):34} "
@@ -471,6 +552,7 @@ def keys_create(tenant: str, scopes: str, name: str, rate: float | None) -> None
 @click.option("--wait/--no-wait", default=True, show_default=True)
 @click.option("--url", default=None, help="API base URL (default http://API_HOST:API_PORT).")
 @click.option("--api-key", envvar="INFERQ_API_KEY", required=True, help="Or INFERQ_API_KEY.")
+@JSON_OPTION
 def submit(
     model: str,
     input_path,
@@ -480,6 +562,7 @@ def submit(
     wait: bool,
     url: str | None,
     api_key: str,
+    as_json: bool,
 ) -> None:  # type: ignore[no-untyped-def]
     """Submit a predict (or --score) job and, by default, wait for it with a progress bar."""
     import httpx
@@ -503,22 +586,62 @@ def submit(
         if r.status_code >= 400:
             raise click.ClickException(f"{r.status_code}: {r.text}")
         job = r.json()
-        click.echo(f"job {job['id']} {job['status']}", err=True)
+        if not as_json:
+            click.echo(f"job {job['id']} {job['status']}", err=True)
         bar = None
         while wait and job["status"] in ("queued", "running"):
-            job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 1}).json()
+            if job["type"] != "predict" and not as_json:
+                time.sleep(PROGRESS_POLL_S)  # a bar to move: look again shortly
+                job = client.get(f"/v1/jobs/{job['id']}").json()
+            else:  # nothing to show meanwhile: wait for the end (up to a second a call)
+                job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 1}).json()
             progress = job.get("progress")
-            if progress and progress.get("total"):
-                if bar is None:
+            if progress and progress.get("total") and not as_json:
+                if bar is None:  # counting from here, so the rate is the real one
                     bar = tqdm(
-                        total=progress["total"], unit="rows", desc=job["type"], file=sys.stderr
+                        total=progress["total"],
+                        initial=progress["done"],
+                        unit="rows",
+                        desc=job["type"],
+                        file=sys.stderr,
                     )
                 bar.update(progress["done"] - bar.n)
         if bar is not None:
             bar.close()
-        click.echo(json.dumps(job, indent=2))
+        click.echo(json.dumps(job, indent=2) if as_json else _job_text(job))
         if job["status"] == "failed":
             sys.exit(1)
+
+
+def _job_text(job: dict) -> str:
+    """A job as a person reads it: one line, then its rows or its result's parts."""
+    took = ""
+    if job.get("started_at") and job.get("finished_at"):
+        from datetime import datetime
+
+        secs = (
+            datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+        ).total_seconds()
+        took = f" in {secs:.2f} s"
+    version = f" v{job['model_version']}" if job.get("model_version") else ""
+    lines = [f"job {job['id']} {job['status']}{took} ({job['type']}, {job['model']}{version})"]
+    error, result = job.get("error"), job.get("result") or {}
+    if error:
+        lines.append(f"error {error.get('code')}: {error.get('message')}")
+    predictions = result.get("predictions")
+    if predictions:
+        keys = [k for k in predictions[0] if k != "row"]
+        lines.append("  ".join(["row", *keys]))
+        for i, p in enumerate(predictions[:50]):
+            cells = [f"{p[k]:.4f}" if isinstance(p[k], float) else str(p[k]) for k in keys]
+            lines.append("  ".join([str(p.get("row", i)), *cells]))
+        if len(predictions) > 50:
+            lines.append(f"... {len(predictions) - 50} more rows (--json prints them all)")
+    elif result:
+        for k, v in result.items():
+            shown = json.dumps(v) if isinstance(v, dict | list) else v
+            lines.append(f"{k}: {shown}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def configure_logging(*, level: str = "INFO", json_lines: bool = True, process: 
     handler.addFilter(_JobIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # warnings too, as log lines of their own
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

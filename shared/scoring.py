@@ -184,6 +184,18 @@ def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray
     return ids, (model_input(columns, schema) if len(ids) else None)
 
 
+#: A run has at least this many chunks when its rows allow (so progress moves on a small
+#: table and every pool process gets work), each of at least ``MIN_CHUNK_ROWS`` rows.
+MIN_CHUNKS = 8
+MIN_CHUNK_ROWS = 1000
+
+
+def chunk_size(total: int, chunk_rows: int) -> int:
+    """Rows per chunk for a run of ``total`` rows: ``chunk_rows`` (the memory bound) for a
+    big table, smaller for a small one, down to ``MIN_CHUNK_ROWS``."""
+    return max(1, min(chunk_rows, max(MIN_CHUNK_ROWS, math.ceil(total / MIN_CHUNKS))))
+
+
 def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
     """The run's chunks still to do; planned on first call, reused on every later one.
 
@@ -217,7 +229,7 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
         condition = cur.mogrify(f"WHERE {where} AND {owned}", {**params, **owner}).decode()
         cur.execute(f"SELECT min({key}), max({key}), count(*) FROM {ft.sql_name} {condition}")
         lo, hi, total = cur.fetchone()  # type: ignore[misc]
-        n = max(1, math.ceil(total / chunk_rows)) if total else 0
+        n = max(1, math.ceil(total / chunk_size(total, chunk_rows))) if total else 0
         if n:
             bounds = np.linspace(lo, hi + 1, n + 1).astype(np.int64)
             session.add_all(

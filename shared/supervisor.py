@@ -15,11 +15,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from shared.config import STACK_FILE, get_settings
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -45,13 +47,23 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = field(default=0.0)
+    copier: threading.Thread | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.args,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        log.close()
+        self.copier = threading.Thread(
+            target=copy_log,
+            args=(self.process.stdout, self.log_path, self.name, self.process.pid),
+            name=f"log-{self.name}",
+            daemon=True,
+        )
+        self.copier.start()
         self.started_at = time.monotonic()
 
     def check(self) -> None:
@@ -76,6 +88,35 @@ class Child:
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is not None:
             stop_process_group(self.process, timeout)
+        if self.copier is not None:
+            self.copier.join(5)  # the last lines (shutdown messages) reach the file
+
+
+def copy_log(stream: IO[bytes], path: Path, service: str, pid: int) -> None:
+    """Copy a child's output into its log file, a JSON object a line: its log lines as
+    they are, and anything else it prints (a library's banner or a message written straight
+    to the terminal, a warning, a crash) wrapped as one, so every log reads the same way."""
+    with open(path, "ab", buffering=0) as log:
+        for raw in iter(stream.readline, b""):
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            if not line.startswith(b"{"):
+                now = time.time()
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+                line = json.dumps(
+                    {
+                        "ts": f"{stamp},{int(now % 1 * 1000):03d}",
+                        "level": "INFO",
+                        "logger": "output",
+                        "message": line.decode(errors="replace"),
+                        "job_id": None,
+                        "process": pid,
+                        "service": service,
+                    }
+                ).encode()
+            log.write(line + b"\n")
+    stream.close()
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import uuid
 from datetime import date
 
@@ -256,39 +260,42 @@ def test_latest_score_is_one_indexed_query(stack: Stack) -> None:
     assert "Index Scan" in plan and "Seq Scan" not in plan, plan
 
 
-def test_cli_submit_score_shows_a_progress_bar(stack: Stack) -> None:
-    import json
-    import subprocess
-    import sys
-
+def _cli_submit(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     from tests.conftest import ROOT
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "submit",
-            "churn",
-            "--score",
-            "--segment",
-            '{"plan_tier": "growth"}',
-            "--url",
-            stack.api_url,
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", "submit", "churn", *args, "--url", stack.api_url],
         cwd=ROOT,
         env={**os.environ, "INFERQ_API_KEY": os.environ["INFERQ_BOOTSTRAP_API_KEY"]},
         capture_output=True,
         text=True,
         timeout=180,
     )
+
+
+def test_cli_submit_score_reads_as_text_with_a_bar_that_moves(stack: Stack) -> None:
+    """For a person: a summary, not JSON; a progress bar that passes through the chunks
+    at a believable rate; no log lines mixed in."""
+    out = _cli_submit(stack, "--score")
+    assert out.returncode == 0, out.stderr
+    first, *rest = out.stdout.splitlines()
+    assert re.match(r"job \S+ succeeded in [\d.]+ s \(score, churn v\d+\)$", first), first
+    assert f"rows_scored: {CUSTOMERS}" in rest
+    assert not any(line.lstrip().startswith("{") for line in out.stdout.splitlines())
+    assert '"level"' not in out.stderr and "Traceback" not in out.stderr
+    seen = {int(n) for n in re.findall(rf"(\d+)/{CUSTOMERS}", out.stderr)}
+    assert CUSTOMERS in seen and any(0 < n < CUSTOMERS for n in seen), out.stderr
+    rates = [float(r) for r in re.findall(r"([\d.]+)rows/s", out.stderr)]
+    assert rates and max(rates) < 50 * CUSTOMERS, rates  # a rate, not a jump over a chunk
+
+
+def test_cli_submit_json_is_the_job(stack: Stack) -> None:
+    out = _cli_submit(stack, "--score", "--segment", '{"plan_tier": "growth"}', "--json")
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout)
     assert job["status"] == "succeeded"
-    rows = job["result"]["rows_scored"]
-    assert rows == _segment_count("plan_tier = 'growth'")
-    assert f"{rows}/{rows}" in out.stderr  # tqdm's final "done/total rows"
-    assert "rows" in out.stderr
+    assert job["result"]["rows_scored"] == _segment_count("plan_tier = 'growth'")
+    assert "rows/s" not in out.stderr  # no bar either
 
 
 def test_a_nightly_run_whose_trigger_was_lost_is_caught_up_once(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -123,3 +124,14 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_process(tmp_path) -> None:  # 
         ["ps", "-o", "pid,stat,cmd", "-p", ",".join(map(str, left))], capture_output=True, text=True
     ).stdout
     assert not (tmp_path / "var" / "stack.json").exists()
+    # Every process's log is one format: JSON objects, one a line (no banners, no
+    # warnings printed around the logger), each naming its service.
+    for log_file in sorted((tmp_path / "var" / "logs").glob("*.log")):
+        lines = [ln for ln in log_file.read_text().splitlines() if ln.strip()]
+        assert lines, log_file.name
+        for ln in lines:
+            try:
+                record = json.loads(ln)
+            except ValueError:
+                raise AssertionError(f"{log_file.name}: not a JSON line: {ln[:200]}") from None
+            assert record["service"] and record["level"], ln
