@@ -256,18 +256,36 @@ def migrate() -> None:
 
 
 @main.command()
-@click.option("--customers", default=20_000, show_default=True)
+@click.option("--customers", default=20_000, show_default=True, help="Rows to write.")
 @click.option("--seed", "seed_value", default=42, show_default=True)
-def seed(customers: int, seed_value: int) -> None:
-    """Replace the customers table with deterministic synthetic customers."""
+@click.option("--append", is_flag=True, help="Add them after the last id instead of replacing.")
+@click.option(
+    "--shift",
+    type=float,
+    default=0.0,
+    is_flag=False,
+    flag_value=1.0,
+    help="Move the population (--shift alone: 1.0): a retrain then differs, drift shows.",
+)
+def seed(customers: int, seed_value: int, append: bool, shift: float) -> None:
+    """Write deterministic synthetic customers (replacing the table unless --append)."""
     from tqdm import tqdm
 
     from shared.db import get_engine
     from shared.features import seed_customers
 
     with tqdm(total=customers, unit="rows", desc="seeding customers", file=sys.stderr) as bar:
-        seed_customers(get_engine(), customers, seed=seed_value, on_progress=bar.update)
-    click.echo(f"seeded {customers} customers")
+        first = seed_customers(
+            get_engine(),
+            customers,
+            seed=seed_value,
+            on_progress=bar.update,
+            append=append,
+            shift=shift,
+        )
+    moved = f", shifted by {shift:g}" if shift else ""
+    what = "added" if append else "seeded"
+    click.echo(f"{what} {customers} customers (ids {first} to {first + customers - 1}{moved})")
 
 
 @main.command()

@@ -148,27 +148,37 @@ CUSTOMER_COLUMNS = [f["name"] for f in CHURN_SCHEMA["features"]]
 _CATS = {f["name"]: f["categories"] for f in CHURN_SCHEMA["features"] if f["type"] == "str"}
 
 
-def generate_customers(start: int, n: int, *, seed: int = 42) -> dict[str, np.ndarray]:
+def generate_customers(
+    start: int, n: int, *, seed: int = 42, shift: float = 0.0
+) -> dict[str, np.ndarray]:
     """Customers ``start .. start+n-1``: the same ids always get the same rows.
 
     Churn follows a logistic model of the features (short tenure, many tickets, low usage,
     long absence and monthly contracts raise it), so a classifier has a real signal to learn.
+    ``shift`` moves the population (0: none; 1: a clear move): more monthly contracts,
+    more tickets, less usage, and support tickets weigh more on churn, as when a product
+    change lands; a model trained before it then drifts, and a retrain differs.
     """
-    rng = np.random.default_rng([seed, start])
+    # (shift 0 draws exactly what it always did: the demo's rows and scores stay put)
+    rng = np.random.default_rng([seed, start, round(shift * 1000)] if shift else [seed, start])
     ids = np.arange(start, start + n, dtype=np.int64)
     tenure = rng.integers(1, 121, n)
-    contract = rng.choice(3, n, p=[0.55, 0.35, 0.10])
+    mix = [0.55, 0.35, 0.10]  # monthly, annual, two-year
+    if shift:
+        monthly = min(0.9, 0.55 + 0.2 * shift)
+        mix = [monthly, 0.35 / 0.45 * (1 - monthly), 0.10 / 0.45 * (1 - monthly)]
+    contract = rng.choice(3, n, p=mix)
     tier = rng.choice(3, n, p=[0.5, 0.35, 0.15])
     is_ent = (tier == 2).astype(np.int64) | (rng.random(n) < 0.03)
     spend = np.round(rng.lognormal(4.0 + 0.8 * tier, 0.5, n), 2).clip(0, 100_000)
-    tickets = rng.poisson(1.5, n).clip(0, 50)
-    usage = rng.beta(2, 2.5, n).round(4)
+    tickets = rng.poisson(1.5 + shift, n).clip(0, 50)
+    usage = rng.beta(2, 2.5 + 1.5 * shift, n).round(4)
     last_login = rng.geometric(0.12, n).clip(0, 365) - 1
     integrations = rng.poisson(1 + 2 * tier, n).clip(0, 50)
     logit = (
         0.3
         - 0.025 * tenure
-        + 0.35 * tickets
+        + (0.35 + 0.25 * shift) * tickets
         - 2.5 * usage
         + 0.04 * last_login
         - 0.15 * integrations
@@ -191,10 +201,13 @@ def generate_customers(start: int, n: int, *, seed: int = 42) -> dict[str, np.nd
     }
 
 
-def _csv_chunks(total: int, chunk: int, seed: int) -> Iterator[tuple[int, str]]:
-    for start in range(1, total + 1, chunk):
-        n = min(chunk, total + 1 - start)
-        cols = generate_customers(start, n, seed=seed)
+def _csv_chunks(
+    total: int, chunk: int, seed: int, *, first: int = 1, shift: float = 0.0
+) -> Iterator[tuple[int, str]]:
+    last = first + total - 1
+    for start in range(first, last + 1, chunk):
+        n = min(chunk, last + 1 - start)
+        cols = generate_customers(start, n, seed=seed, shift=shift)
         buf = io.StringIO()
         names = ["id", *CUSTOMER_COLUMNS, "churned"]
         rows = zip(*(cols[c].tolist() for c in names), strict=True)
@@ -209,14 +222,23 @@ def seed_customers(
     seed: int = 42,
     chunk: int = 100_000,
     on_progress: Callable[[int], None] | None = None,
+    append: bool = False,
+    shift: float = 0.0,
 ) -> int:
-    """Replace the customers table with ``total`` synthetic customers, written with COPY."""
+    """Replace the customers table with ``total`` synthetic customers, written with COPY;
+    with ``append``, add them after the last id instead (``shift``: see
+    ``generate_customers``). Returns the first new id."""
     cols = ", ".join(["id", *CUSTOMER_COLUMNS, "churned"])
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()
-        cur.execute("TRUNCATE customers")
-        for n, data in _csv_chunks(total, chunk, seed):
+        if append:
+            cur.execute("SELECT COALESCE(max(id), 0) + 1 FROM customers")
+            first = int(cur.fetchone()[0])  # type: ignore[index]
+        else:
+            cur.execute("TRUNCATE customers")
+            first = 1
+        for n, data in _csv_chunks(total, chunk, seed, first=first, shift=shift):
             cur.copy_expert(
                 f"COPY customers ({cols}) FROM STDIN WITH (FORMAT csv)", io.StringIO(data)
             )
@@ -226,7 +248,7 @@ def seed_customers(
         raw.commit()
     finally:
         raw.close()
-    return total
+    return first
 
 
 def load_features(

@@ -29,7 +29,8 @@ class NotEnoughDataError(ValueError):
 def _table_data(
     session: Session, spec: ModelSpec, max_rows: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Features and labels from the spec's feature table (its ``label`` column)."""
+    """Features and labels from the spec's feature table (its ``label`` column): the
+    newest ``max_rows`` (highest keys), so rows added since the last version count."""
     schema = spec.schema
     table, key, label = schema["feature_table"], schema["key"], spec.label
     cols = ", ".join(f'"{f["name"]}"' for f in schema["features"])
@@ -37,7 +38,7 @@ def _table_data(
         session.execute(
             text(
                 f'SELECT {cols}, "{label}" AS label, updated_at FROM "{table}" '
-                f'WHERE "{label}" IS NOT NULL ORDER BY "{key}" LIMIT :n'
+                f'WHERE "{label}" IS NOT NULL ORDER BY "{key}" DESC LIMIT :n'
             ),
             {"n": max_rows},
         )
