@@ -32,9 +32,12 @@ __all__ = ["validate_job", "request_hash"]
 _INLINE_ROWS = 200
 
 
-def invalid(field: str | tuple[Any, ...], msg: str, kind: str = "value_error") -> None:
+def invalid(
+    field: str | tuple[Any, ...], msg: str, kind: str = "value_error", value: Any = None
+) -> None:
+    """A 422 naming ``field``, with the ``value`` the client sent there."""
     loc = ["body", *(field if isinstance(field, tuple) else (field,))]
-    raise RequestValidationError([{"type": kind, "loc": loc, "msg": msg, "input": None}])
+    raise RequestValidationError([{"type": kind, "loc": loc, "msg": msg, "input": value}])
 
 
 def request_hash(body: JobCreate) -> str:
@@ -60,7 +63,8 @@ async def _resolve(body: JobCreate) -> VersionInfo:
     if resolved is None:
         resolved = await run_in_threadpool(_resolve_with_session, body.model, body.version)
     if isinstance(resolved, tuple):
-        invalid(resolved[0], resolved[1])
+        field, msg = resolved
+        invalid(field, msg, value=getattr(body, field, None))
     assert isinstance(resolved, VersionInfo)
     return resolved
 

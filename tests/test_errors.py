@@ -60,6 +60,23 @@ def test_unknown_job_is_404(client: httpx.Client, job_id: str) -> None:
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 404
 
 
+def test_an_unknown_model_or_version_is_422_with_what_was_sent(client: httpx.Client) -> None:
+    r = submit(client, model="nosuchmodel", inputs=[ROW])
+    assert r.status_code == 422
+    assert r.json()["detail"] == [
+        {
+            "type": "value_error",
+            "loc": ["body", "model"],
+            "msg": "unknown model 'nosuchmodel'",
+            "input": "nosuchmodel",
+        }
+    ]
+    r = submit(client, version=999, inputs=[ROW])
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "version"] and err["input"] == 999, err
+
+
 def test_unknown_model_resource_is_404(admin: httpx.Client) -> None:
     assert admin.get("/v1/models/nope").status_code == 404
     assert admin.post("/v1/models/churn/versions/999/promote").status_code == 404
