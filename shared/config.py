@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     # Beat
     sweep_every_s: float = Field(5.0, description="Sweeper period.")
     requeue_after_s: float = Field(30.0, description="A queued job older than this is re-sent.")
+    score_stall_s: float = Field(
+        60.0,
+        description="A running score run none of whose chunks ended for this long has its "
+        "undone chunks sent again (their messages were lost).",
+    )
     running_lease_s: float = Field(
         600.0, description="A running job with no heartbeat for this long is re-sent."
     )

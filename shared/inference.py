@@ -8,6 +8,7 @@ predicted again without it, so one bad job never fails its neighbours.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -176,8 +177,13 @@ def run_predict_jobs(
     stats = redis.pipeline(transaction=False)
     try:
         _run(engine, cache or redis, stats, models, jobs, out)
-    finally:
-        stats.execute()
+    except BaseException:
+        # Counters must never replace the error on its way out (a SystemExit from a
+        # terminated task, say, turned into a Redis error by a Redis that is down).
+        with contextlib.suppress(Exception):
+            stats.execute()
+        raise
+    stats.execute()
     return out
 
 

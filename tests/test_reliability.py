@@ -261,3 +261,42 @@ def test_predict_jobs_of_a_worker_that_vanished_are_retaken_in_seconds(
                 {"id": held},
             )
         redis_client().delete(heartbeat_key("live-host:2"))
+
+
+def test_predict_jobs_running_past_the_time_limit_are_retaken_though_their_process_lives(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """A task terminated when the broker connection was lost leaves its process alive
+    (heartbeat and all) and its jobs running: past the predict hard time limit nobody can
+    be running them, so they are retaken without waiting for the lease."""
+    from sqlalchemy import text
+
+    from shared.config import get_settings
+    from workers.runtime import heartbeat_key, redis_client
+    from workers.tasks.maintenance import retake_orphans
+
+    limit = get_settings().predict_time_limit_s
+    stuck, recent = record_queued(client), record_queued(client)
+    redis_client().set(heartbeat_key("live-host:3"), "1", ex=60)
+    with session_scope() as session:
+        for job_id, age in ((stuck, limit + 10), (recent, 20)):
+            session.execute(
+                text(
+                    "UPDATE jobs SET status = 'running', worker = 'live-host:3/task-c', "
+                    "attempts = 1, started_at = now() - make_interval(secs => :age), "
+                    "heartbeat_at = now() - make_interval(secs => :age) WHERE id = :id"
+                ),
+                {"age": age, "id": job_id},
+            )
+    try:
+        retaken = {str(i) for i in retake_orphans()}
+        assert stuck in retaken and recent not in retaken
+        job = wait_done(client, stuck, timeout=30)
+        assert job["status"] == "succeeded" and job["attempts"] == 2
+    finally:
+        with session_scope() as session:
+            session.execute(
+                text("UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = :id"),
+                {"id": recent},
+            )
+        redis_client().delete(heartbeat_key("live-host:3"))

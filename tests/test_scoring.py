@@ -328,3 +328,41 @@ def test_a_nightly_run_whose_trigger_was_lost_is_caught_up_once(
         )
     finally:
         beat.stop()
+
+
+def test_a_run_whose_chunk_messages_were_lost_is_sent_again_and_ends(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """The plan committed, the chunk messages never reached the broker (it restarted
+    empty, or the dispatch failed): once the run has not moved for INFERQ_SCORE_STALL_S
+    the sweeper sends its undone chunks again, and the run ends with one row per entity."""
+    from datetime import UTC, datetime, timedelta
+
+    from shared.orm import Job
+    from shared.scoring import plan
+    from workers.tasks.maintenance import redispatch_stalled_runs
+
+    job_id = uuid.uuid4()
+    segment = {"id": list(range(1, 301))}
+    with session_scope() as session:
+        job = Job(
+            id=job_id,
+            tenant="default",
+            type="score",
+            model="churn",
+            model_version=1,
+            status="running",
+            priority="normal",
+            request={"segment": segment},
+            attempts=1,
+            worker="gone-host:9/lost-task",
+            started_at=datetime.now(UTC) - timedelta(minutes=5),
+            heartbeat_at=datetime.now(UTC) - timedelta(minutes=5),
+        )
+        session.add(job)
+        session.flush()
+        assert plan(session, job, chunk_rows=100)  # planned, and no message sent
+    assert redispatch_stalled_runs() >= 1
+    done = wait_done(client, str(job_id), timeout=60)
+    assert done["status"] == "succeeded", done
+    assert _counts(str(job_id)) == (300, 300)

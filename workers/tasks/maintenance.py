@@ -16,7 +16,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs import JobStatus, withdrawn_key
 from shared.models.registry import list_versions, production_versions
-from shared.orm import Job, PredictionLog, ScoringRun
+from shared.orm import Job, PredictionLog, ScoringChunk, ScoringRun
 from shared.scoring import drop_partition
 from workers.app import celery_app
 from workers.dispatch import enqueue
@@ -85,18 +85,25 @@ def _drop_withdrawn(session: Session, rows: Sequence[Any]) -> list[Any]:
 
 
 def retake_orphans() -> list[uuid.UUID]:
-    """Predict jobs running under a worker process whose heartbeat key has lapsed (its
-    machine died, or it was killed with no one to redeliver its message) go back to
-    ``queued`` and are sent again: seconds after the death, not a lease later.
+    """Predict jobs nobody is running go back to ``queued`` and are sent again, seconds
+    after they were orphaned, not a lease later:
+
+    - jobs running under a worker process whose heartbeat key has lapsed (its machine
+      died, or it was killed with no one to redeliver its message);
+    - jobs running for longer than the predict task's hard time limit, whatever their
+      process: a task past that limit has been killed, so no one holds them (a task
+      terminated when the broker connection was lost leaves its process alive).
 
     Only predict jobs: a predict job runs for a batch's milliseconds, so one still running
     after a heartbeat period is in the hands of whoever claimed it, alive or not.
     """
     s = get_settings()
-    grace = datetime.now(UTC) - timedelta(seconds=s.worker_heartbeat_s)
+    now = datetime.now(UTC)
+    grace = now - timedelta(seconds=s.worker_heartbeat_s)
+    overdue = now - timedelta(seconds=s.predict_time_limit_s)
     with session_scope() as session:
         rows = session.execute(
-            select(Job.id, Job.worker, Job.priority)
+            select(Job.id, Job.worker, Job.priority, Job.started_at)
             .where(
                 Job.finished_at.is_(None),
                 Job.status == JobStatus.RUNNING,
@@ -110,7 +117,12 @@ def retake_orphans() -> list[uuid.UUID]:
         processes = sorted({(r.worker or "").split("/", 1)[0] for r in rows})
         alive = redis_client().mget([heartbeat_key(p) for p in processes])
         dead = {p for p, seen in zip(processes, alive, strict=True) if seen is None}
-        orphans = [r for r in rows if (r.worker or "").split("/", 1)[0] in dead]
+        orphans = [
+            r
+            for r in rows
+            if (r.worker or "").split("/", 1)[0] in dead
+            or (r.started_at is not None and r.started_at < overdue)
+        ]
         if not orphans:
             return []
         # Compare-and-set on the worker too: a job retaken meanwhile is left alone.
@@ -127,14 +139,58 @@ def retake_orphans() -> list[uuid.UUID]:
     enqueue([(r.id, "predict", r.priority) for r in retaken])
     if retaken:
         log.warning(
-            "retook %d predict jobs of dead worker processes %s", len(retaken), sorted(dead)
+            "retook %d predict jobs nobody runs (dead processes %s, or past the time limit)",
+            len(retaken),
+            sorted(dead),
         )
     return [r.id for r in retaken]
 
 
 @celery_app.task(name="ops.sweep", queue="ops")
 def sweep() -> int:
-    return sweep_once() + len(retake_orphans()) + resend_callbacks()
+    return sweep_once() + len(retake_orphans()) + redispatch_stalled_runs() + resend_callbacks()
+
+
+def redispatch_stalled_runs() -> int:
+    """Chunks of running score runs that have not moved for ``INFERQ_SCORE_STALL_S`` are
+    sent again: their messages were lost (a Redis restart, a dispatch that failed after
+    the plan was committed). A chunk sent twice writes once, so a slow chunk that was only
+    late costs a duplicate message, nothing more. Returns the chunks sent."""
+    from workers.tasks.score import dispatch_chunks
+
+    stalled = datetime.now(UTC) - timedelta(seconds=get_settings().score_stall_s)
+    with session_scope() as session:
+        runs = session.execute(
+            update(Job)
+            .where(
+                Job.finished_at.is_(None),
+                Job.status == JobStatus.RUNNING,
+                Job.type == "score",
+                Job.heartbeat_at < stalled,
+            )
+            .values(heartbeat_at=datetime.now(UTC))  # not again before another stall period
+            .returning(Job.id)
+        ).all()
+        undone: dict[uuid.UUID, list[int]] = {}
+        for (run_id,) in runs:
+            undone[run_id] = list(
+                session.scalars(
+                    select(ScoringChunk.chunk).where(
+                        ScoringChunk.run_id == run_id, ScoringChunk.done_at.is_(None)
+                    )
+                )
+            )
+    sent = 0
+    for run_id, chunks in undone.items():
+        if chunks:
+            dispatch_chunks(run_id, chunks)
+            sent += len(chunks)
+            log.warning(
+                "score run stalled: sent its %d undone chunks again",
+                len(chunks),
+                extra={"job_id": str(run_id)},
+            )
+    return sent
 
 
 def resend_callbacks() -> int:
