@@ -15,17 +15,24 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
-from api.deps import Principal, RedisDep, SessionDep, redis_async, require
+from api.deps import Principal, RedisDep, SessionDep, redis_async, redis_sync, require
 from api.schemas import JobAccepted, JobCreate, JobList, JobPublic, JobSummary
-from api.submitter import IdempotencyKeyTakenError, NewJob, submitter
+from api.submitter import (
+    DatabaseUnavailableError,
+    IdempotencyKeyTakenError,
+    NewJob,
+    submitter,
+)
 from api.validation import request_hash, validate_job
 from api.waiter import waiter
 from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import get_engine, session_scope
-from shared.jobs import TERMINAL, JobStatus
+from shared.jobs import TERMINAL, JobStatus, withdrawn_key
 from shared.orm import Job
+from workers.dispatch import enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)
@@ -67,6 +74,11 @@ def _replay(tenant: str, key: str, digest: str | None) -> JSONResponse | None:
             raise HTTPException(
                 status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
             )
+        if job.status == JobStatus.QUEUED and redis_sync().exists(withdrawn_key(job.id)):
+            revived = _revive(session, job.id)
+            if revived is None:
+                return None  # the sweeper deleted it just now: this request submits afresh
+            job = revived
         return _accepted(
             job_id=job.id,
             type_=job.type,
@@ -76,6 +88,23 @@ def _replay(tenant: str, key: str, digest: str | None) -> JSONResponse | None:
             created=job.created_at,
             code=200,
         )
+
+
+def _revive(session: Session, job_id: uuid.UUID) -> Job | None:
+    """A retry of a job withdrawn while Postgres was away (its first request was told 503,
+    but its INSERT had committed): the retry takes it back from the sweeper, which would
+    delete it, and sends it. Under the row lock, so the sweeper either deleted it first
+    (None: the retry records a new job) or finds it unmarked."""
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.status != JobStatus.QUEUED:
+        return job
+    redis_sync().delete(withdrawn_key(job_id))
+    session.commit()
+    try:
+        enqueue([(job.id, job.type, job.priority)])
+    except Exception:  # it is recorded and unmarked: the sweeper sends it
+        log.warning("could not send a revived job", exc_info=True, extra={"job_id": str(job_id)})
+    return job
 
 
 @router.post("", status_code=202, response_model=JobAccepted)
@@ -127,7 +156,8 @@ async def submit(
     except IdempotencyKeyTakenError:
         # A concurrent request with the same key won the race.
         replay = await run_in_threadpool(_replay, principal.tenant, idempotency_key or "", digest)
-        assert replay is not None
+        if replay is None:  # the job that held the key was withdrawn meanwhile
+            raise DatabaseUnavailableError("the job holding this key was withdrawn") from None
         return replay
     log.debug("accepted %s job", job.type, extra={"job_id": str(job.id)})
     return _accepted(
