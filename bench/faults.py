@@ -916,6 +916,9 @@ class Harness:
     stack: Stack
     ledger: Ledger
     freeze_s: float = 10.0
+    #: Jobs ended just before the Postgres crash, as clients could read them then:
+    #: id -> (status, attempts, finished_at epoch).
+    read_before_crash: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
 
 def _restarted(h: Harness, name: str, old: int) -> int | None:
@@ -1014,7 +1017,16 @@ def fault_redis_restart(h: Harness) -> str:
 
 
 def fault_pg_restart(h: Harness) -> str:
-    """``pg_ctl restart -m immediate``; back when pg_ctl says the server is up."""
+    """``pg_ctl restart -m immediate``; back when pg_ctl says the server is up. The jobs
+    that ended in the last 2 s before it (their results already readable by clients, and
+    their callbacks due) are noted, to check afterwards that the crash took none back."""
+    h.read_before_crash = {
+        r[0]: tuple(r[1:])
+        for r in h.ledger.query(
+            "SELECT id::text, status, attempts, extract(epoch FROM finished_at)::float8 "
+            "FROM jobs WHERE finished_at > now() - interval '2 seconds'"
+        )
+    }
     old = h.pg.postmaster()
     h.pg.restart_immediate()
     return f"postmaster {old} -> {h.pg.postmaster()}"
@@ -1473,6 +1485,22 @@ def reconcile(
     return out
 
 
+def check_read_before_crash(ledger: Ledger, before: dict[str, tuple[Any, ...]]) -> Check:
+    """Every job that had ended before the Postgres crash ended the same way after it: the
+    same status, end time and attempts (a settle the crash took back would run again)."""
+    name = f"no result read before the Postgres crash taken back ({len(before)} jobs)"
+    if not before:
+        return Check(name + ": none ended just before it", 1, "nothing to compare")
+    rows = ledger.query(
+        "SELECT id::text, status, attempts, extract(epoch FROM finished_at)::float8 "
+        "FROM jobs WHERE id = ANY(%s::uuid[])",
+        (list(before),),
+    )
+    after = {r[0]: tuple(r[1:]) for r in rows}
+    changed = [i for i, was in before.items() if after.get(i) != was]
+    return Check(name, len(changed), _ids(changed))
+
+
 def pct(values: list[float], q: float) -> float:
     """The q-th percentile (nearest rank); NaN for no values."""
     if not values:
@@ -1656,6 +1684,8 @@ def run(opts: Options, base_env: dict[str, str] | None = None) -> Outcome:
         waited = wait_terminal(ledger, ids, opts.drain)
         say(f"waited {waited:.1f} s for the last jobs; reconciling")
         out = reconcile(ledger, load.requests, faults, tenants)
+        if "pg-restart" in opts.faults:
+            out.checks.append(check_read_before_crash(ledger, h.read_before_crash))
         if opts.keep is not None:
             dump(base, load.requests, faults)
         out.lines = _report(out, load, faults, load_s, waited, opts) + out.lines
