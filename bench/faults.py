@@ -1020,13 +1020,15 @@ def fault_pg_restart(h: Harness) -> str:
     """``pg_ctl restart -m immediate``; back when pg_ctl says the server is up. The jobs
     that ended in the last 2 s before it (their results already readable by clients, and
     their callbacks due) are noted, to check afterwards that the crash took none back."""
-    h.read_before_crash = {
-        r[0]: tuple(r[1:])
-        for r in h.ledger.query(
-            "SELECT id::text, status, attempts, extract(epoch FROM finished_at)::float8 "
-            "FROM jobs WHERE finished_at > now() - interval '2 seconds'"
-        )
-    }
+    recent = (
+        "SELECT id::text, status, attempts, extract(epoch FROM finished_at)::float8 "
+        "FROM jobs WHERE finished_at > now() - interval '2 seconds'"
+    )
+    # Crash while jobs are ending (an earlier fault may have paused the flow): up to 30 s.
+    deadline = time.monotonic() + 30
+    while not (rows := h.ledger.query(recent)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    h.read_before_crash = {r[0]: tuple(r[1:]) for r in rows}
     old = h.pg.postmaster()
     h.pg.restart_immediate()
     return f"postmaster {old} -> {h.pg.postmaster()}"
