@@ -18,7 +18,8 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/inferq up
 
-test: $(STAMP)
+# Lint first, so CI (which runs make test) holds the code to it.
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -5,7 +5,7 @@ the current event-loop turn becomes a batch, never waiting for more: idle, a req
 batch of one. A batch is recorded in one autocommitted multi-row ``INSERT`` (one round
 trip, durable before it answers), then announced in one Redis pipeline: the hot copies of
 the new jobs and, for predict jobs, their pending ids and the doorbell (see
-``workers.dispatch``). Only if the doorbell was down, or for job types that are not
+``shared.dispatch``). Only if the doorbell was down, or for job types that are not
 micro-batched, does a Celery message go out. Only then are the requests answered 202.
 
 Up to ``CONNECTIONS`` batches are in flight at once, each on its own connection: while
@@ -47,8 +47,8 @@ from api.pgasync import AsyncConnection
 from api.waiter import waiter
 from shared.config import get_settings
 from shared.db import libpq_dsn
+from shared.dispatch import BELL_TTL_MS, bell_key, enqueue, push_pending
 from shared.jobs import WITHDRAWN_TTL_S, withdrawn_key
-from workers.dispatch import BELL_TTL_MS, bell_key, enqueue, push_pending
 
 __all__ = [
     "NewJob",

@@ -63,7 +63,7 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 DONE_CHANNEL = "done"
 DONE_PAYLOAD_MAX = 16 * 1024
 #: Called with the jobs that just ended, after their hot copies are written (callback
-#: delivery registers here, see ``workers.dispatch``).
+#: delivery registers here, see ``shared.dispatch``).
 ended_hooks: list[Callable[[Sequence[Job | JobRow]], None]] = []
 
 

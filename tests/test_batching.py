@@ -175,7 +175,7 @@ def _redis() -> Redis:
 def test_jobs_committed_while_a_delivery_drains_wait_for_it_not_for_a_message(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from workers.dispatch import bell_key, hand_over
+    from shared.dispatch import bell_key, hand_over
 
     _idle_workers()
     redis = _redis()
@@ -239,7 +239,7 @@ def test_a_redelivered_message_retakes_what_its_first_run_held(
 def test_a_delivery_drains_for_a_bounded_time_then_hands_over(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from workers.dispatch import push_pending
+    from shared.dispatch import push_pending
     from workers.tasks.predict import run
 
     _idle_workers()

@@ -122,7 +122,7 @@ def test_cancel_a_queued_job_and_the_worker_leaves_it_cancelled(client: httpx.Cl
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 409
     # The message arrives late (say, the sweeper sent it): the worker must not run it.
-    from workers.dispatch import enqueue
+    from shared.dispatch import enqueue
 
     enqueue([(uuid.UUID(job_id), "predict", "normal")])
     time.sleep(1.5)

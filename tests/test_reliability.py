@@ -110,7 +110,7 @@ def test_a_running_job_whose_lease_expired_is_run_again(stack: Stack, client: ht
 def test_a_duplicate_message_for_a_running_job_does_nothing(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from workers.dispatch import enqueue
+    from shared.dispatch import enqueue
 
     job_id = record_queued(client)
     alive = datetime.now(UTC)

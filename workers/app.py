@@ -1,90 +1,13 @@
-"""The Celery app, configured from inferq's settings. Task modules live in ``workers.tasks``."""
+"""The Celery app of the worker and beat processes: ``shared.broker``'s, with the task
+modules (``workers.tasks``) and the beat schedule (``workers.beat``)."""
 
 from __future__ import annotations
 
-import os
-
-# BLAS/OpenMP pools must be pinned before numpy loads: N prefork processes each spawning
-# one thread per core made a 2-process worker on 2 cores run 40x slower.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-from celery import Celery  # noqa: E402
-from kombu import Queue  # noqa: E402
-
-from shared.config import get_settings  # noqa: E402
+from shared.broker import PRIORITIES, QUEUES, TASK_FOR_TYPE, celery_app
+from shared.config import get_settings
+from workers.beat import schedule
 
 __all__ = ["celery_app", "QUEUES", "PRIORITIES", "TASK_FOR_TYPE"]
 
-QUEUES = ("predict", "score", "ops")
-#: Redis emulates priorities with one list per step; a lower number is served first.
-PRIORITIES = {"high": 0, "normal": 5, "low": 9}
-#: Job type → (task name, queue).
-TASK_FOR_TYPE = {
-    "predict": ("predict.run", "predict"),
-    "score": ("score.run", "score"),
-    "train": ("train.run", "ops"),
-}
-
-
-def make_app() -> Celery:
-    s = get_settings()
-    app = Celery("inferq", broker=s.broker_url, include=["workers.tasks"])
-    transport = {
-        "visibility_timeout": s.visibility_timeout_s,
-        "priority_steps": sorted(set(PRIORITIES.values())),
-        "sep": ":",
-        "queue_order_strategy": "priority",
-        "global_keyprefix": f"{s.redis_prefix}:celery:",
-        "socket_connect_timeout": 3,
-        "socket_timeout": 10,
-        "health_check_interval": 15,
-    }
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        event_serializer="json",
-        task_ignore_result=True,  # results live in the job store, never in Celery's backend
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        # SIGTERM is remapped to a soft shutdown by `inferq worker`: running tasks get this
-        # long to finish, then what the worker still holds goes back to the queue.
-        worker_soft_shutdown_timeout=10.0,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options=transport,
-        result_backend_transport_options=transport,
-        task_queues=[Queue(q) for q in QUEUES],
-        task_default_queue="predict",
-        task_default_priority=PRIORITIES["normal"],
-        task_queue_max_priority=None,
-        task_publish_retry=True,
-        task_publish_retry_policy={
-            "max_retries": 2,
-            "interval_start": 0,
-            "interval_step": 0.2,
-            "interval_max": 0.5,
-        },
-        task_soft_time_limit=s.predict_soft_time_limit_s,
-        task_time_limit=s.predict_time_limit_s,
-        # No task-sent events: one more Redis publish per message on the API's hot path;
-        # Flower sees every task from the worker's received/started/succeeded events.
-        task_send_sent_event=False,
-        worker_send_task_events=True,
-        worker_hijack_root_logger=False,
-        worker_max_memory_per_child=600_000,  # KiB: a leaking child is replaced, not the host
-        timezone="UTC",
-        enable_utc=True,
-        beat_schedule_filename=str(s.data_dir / "celerybeat-schedule"),
-    )
-    from workers.beat import schedule
-
-    app.conf.beat_schedule = schedule(s)
-    return app
-
-
-celery_app = make_app()
+celery_app.conf.include = ["workers.tasks"]
+celery_app.conf.beat_schedule = schedule(get_settings())

@@ -30,9 +30,9 @@ from api.waiter import waiter
 from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import get_engine, session_scope
+from shared.dispatch import enqueue
 from shared.jobs import TERMINAL, JobStatus, withdrawn_key
 from shared.orm import Job
-from workers.dispatch import enqueue
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.deps import redis_sync
+from shared.broker import celery_app
 from shared.config import get_settings
 from shared.db import get_engine
-from workers.app import celery_app
 
 router = APIRouter(tags=["operations"])
 log = logging.getLogger(__name__)

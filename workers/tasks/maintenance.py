@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session
 
 from shared.config import get_settings
 from shared.db import session_scope
+from shared.dispatch import enqueue
 from shared.jobs import JobStatus, withdrawn_key
 from shared.models.registry import list_versions, production_versions
 from shared.orm import Job, PredictionLog, ScoringChunk, ScoringRun
 from shared.scoring import drop_partition
 from workers.app import celery_app
-from workers.dispatch import enqueue
 from workers.runtime import heartbeat_key, redis_client
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,7 @@ from sqlalchemy.exc import OperationalError
 from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import autocommit, get_engine
-from shared.inference import prediction_logs, run_predict_jobs
-from shared.jobs import JobRow, JobStatus
-from shared.logs import job_context
-from workers.app import celery_app
-from workers.dispatch import (
+from shared.dispatch import (
     HELP_AFTER_S,
     call_for_help,
     forget_in_flight,
@@ -30,6 +26,10 @@ from workers.dispatch import (
     restore_pending,
     wait_pending,
 )
+from shared.inference import prediction_logs, run_predict_jobs
+from shared.jobs import JobRow, JobStatus
+from shared.logs import job_context
+from workers.app import celery_app
 from workers.runtime import cache_client, models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ _TIMEOUT: dict[str, str] = {"code": "timeout", "message": "the job exceeded its 
 )
 def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     """Predict the message's jobs and every pending predict job, a batch at a time, until
-    none is pending (see ``workers.dispatch`` for the protocol); returns the jobs ended.
+    none is pending (see ``shared.dispatch`` for the protocol); returns the jobs ended.
 
     Each batch costs three round trips whatever its size: the claim, the results with
     their prediction logs (one transaction), and the previous batch's hot copies sent

@@ -36,10 +36,10 @@ from typing import Any
 
 from redis import Redis
 
+from shared.broker import PRIORITIES, TASK_FOR_TYPE, celery_app
 from shared.config import get_settings
 from shared.jobs import JobRow, ended_hooks, mirror
 from shared.orm import Job
-from workers.app import PRIORITIES, TASK_FOR_TYPE, celery_app
 
 log = logging.getLogger(__name__)
 
