@@ -12,6 +12,7 @@ Everything else, and the OpenAPI description of these routes, stays with FastAPI
 from __future__ import annotations
 
 import json
+import uuid
 from types import SimpleNamespace
 from typing import Annotated, Any
 
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import authorize
-from api.routes.jobs import read_job, submit
+from api.routes.jobs import IDEMPOTENCY_KEY_MAX, WAIT_MAX_S, read_job, submit
 from api.schemas import JobCreate
 
 __all__ = ["FastPath", "BodyTooLargeError"]
@@ -34,9 +35,20 @@ class BodyTooLargeError(Exception):
 
 
 _JOBS = "/v1/jobs"
-#: The same constraint as the FastAPI route's ``wait`` query parameter.
-_WAIT: TypeAdapter[float] = TypeAdapter(Annotated[float, Field(ge=0, le=30)])
+#: The FastAPI routes' own limits (``api.routes.jobs``), checked the same way.
+_WAIT: TypeAdapter[float] = TypeAdapter(Annotated[float, Field(ge=0, le=WAIT_MAX_S)])
+_KEY: TypeAdapter[str] = TypeAdapter(Annotated[str, Field(max_length=IDEMPOTENCY_KEY_MAX)])
 _PREFIX = "/v1/jobs/"
+
+
+def _is_uuid(text: str) -> bool:
+    if len(text) != 36:
+        return False
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 class FastPath:
@@ -55,8 +67,10 @@ class FastPath:
             if method == "POST" and path == _JOBS:
                 scope["route"] = self._submit_route
                 return await self._serve(self._submit, scope, receive, send)
-            tail = path[len(_PREFIX) :]
-            if method == "GET" and path.startswith(_PREFIX) and tail and "/" not in tail:
+            # Only a job id: any other path under /v1/jobs/ is FastAPI's (a route added
+            # there is served, never taken for an id). A malformed id is FastAPI's too,
+            # which answers it the same 404.
+            if method == "GET" and path.startswith(_PREFIX) and _is_uuid(path[len(_PREFIX) :]):
                 scope["route"] = self._read_route
                 return await self._serve(self._read, scope, receive, send)
         await self.app(scope, receive, send)
@@ -81,17 +95,16 @@ class FastPath:
     async def _submit(self, request: Request) -> Any:
         principal = await authorize(request, "jobs:write")
         key = request.headers.get("idempotency-key")
-        if key is not None and len(key) > 255:
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "string_too_long",
-                        "loc": ["header", "idempotency-key"],
-                        "msg": "String should have at most 255 characters",
-                        "input": key,
-                    }
-                ]
-            )
+        if key is not None:
+            try:
+                _KEY.validate_python(key)
+            except ValidationError as exc:
+                raise RequestValidationError(
+                    [
+                        {**e, "loc": ["header", "idempotency-key"]}
+                        for e in exc.errors(include_url=False)
+                    ]
+                ) from None
         raw = await request.body()
         try:
             data = json.loads(raw)

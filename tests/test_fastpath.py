@@ -94,3 +94,29 @@ def test_fast_path_and_fastapi_routes_answer_alike(stack: Stack) -> None:
             )
     finally:
         slow_api.stop()
+
+
+def test_a_route_added_under_v1_jobs_is_served_not_taken_for_a_job_id() -> None:
+    """The fast path serves only the exact routes it owns: GET /v1/jobs/<a job id> and
+    POST /v1/jobs. A new route beside them reaches FastAPI."""
+    import asyncio
+
+    from api.fastpath import FastPath
+    from api.main import create_api
+
+    api = create_api()
+
+    @api.get("/v1/jobs/stats")
+    def stats() -> dict[str, int]:
+        return {"jobs": 7}
+
+    # Ahead of /v1/jobs/{job_id}, as a route declared before it in api.routes.jobs would be.
+    api.router.routes.insert(0, api.router.routes.pop())
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=FastPath(api, api=api))
+        async with httpx.AsyncClient(transport=transport, base_url="http://inferq") as c:
+            return await c.get(path)
+
+    r = asyncio.run(get("/v1/jobs/stats"))
+    assert r.status_code == 200 and r.json() == {"jobs": 7}
