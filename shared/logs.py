@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -22,9 +23,22 @@ class _JobIdFilter(logging.Filter):
         return True
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not the stream it was
+    when logging was set up (a test runner's capture, say, is closed before exit)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(*, level: str = "INFO", json_lines: bool = True, process: str = "") -> None:
     """Route every logger (ours, Celery's, uvicorn's) through one structured handler."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     if json_lines:
         handler.setFormatter(
             JsonFormatter(
