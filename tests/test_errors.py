@@ -447,13 +447,13 @@ def test_a_lost_insert_answer_with_postgres_and_redis_away_names_the_job(stack, 
         api.stop()
 
 
-def test_a_retry_with_its_key_revives_a_job_marked_withdrawn(stack, pg_proxy) -> None:  # type: ignore[no-untyped-def]
-    """The first request was told 503 and its job marked withdrawn; its INSERT had
-    committed. The retry with the same Idempotency-Key gets that job (200), which then
-    runs: the sweeper no longer deletes it."""
+def test_a_retry_with_its_key_replaces_a_job_marked_withdrawn(stack, pg_proxy) -> None:  # type: ignore[no-untyped-def]
+    """The first request was told 503 and its job marked withdrawn, though its INSERT had
+    committed. The retry with the same Idempotency-Key completes the withdrawal and
+    records a job of its own (202), which runs: the 503 stayed true, and nothing runs
+    twice."""
     from shared.jobs import withdrawn_key
     from workers.runtime import redis_client
-    from workers.tasks.maintenance import sweep_once
 
     api, url = start_api({"INFERQ_DATABASE_URL": pg_proxy.url})
     try:
@@ -462,16 +462,22 @@ def test_a_retry_with_its_key_revives_a_job_marked_withdrawn(stack, pg_proxy) ->
             body, key = {"model": "churn", "inputs": [ROW]}, {"Idempotency-Key": "retry-me"}
             pg_proxy.lose_next_insert(refuse_for=8)
             assert c.post("/v1/jobs", json=body, headers=key).status_code == 503
-            job = _job_of(tenant)
-            assert job is not None and redis_client().get(withdrawn_key(job["id"]))
-            time.sleep(max(0.0, 8.5 - 3))  # Postgres is back
+            first = _job_of(tenant)
+            assert first is not None and redis_client().get(withdrawn_key(first["id"]))
+            while pg_proxy.refusing():  # until Postgres is back
+                time.sleep(0.1)
             r = c.post("/v1/jobs", json=body, headers=key)
-            assert r.status_code == 200, r.text
-            assert r.json()["id"] == str(job["id"])
-            assert redis_client().get(withdrawn_key(job["id"])) is None
-            done = c.get(f"/v1/jobs/{job['id']}", params={"wait": 20}).json()
+            assert r.status_code == 202, r.text
+            assert r.json()["id"] != str(first["id"])
+            assert redis_client().get(withdrawn_key(first["id"])) is None
+            done = c.get(f"/v1/jobs/{r.json()['id']}", params={"wait": 20}).json()
             assert done["status"] == "succeeded", done
-            sweep_once()
-            assert _job_of(tenant) is not None  # kept
+            again = c.post("/v1/jobs", json=body, headers=key)  # a plain replay from here on
+            assert again.status_code == 200 and again.json()["id"] == r.json()["id"]
+            with session_scope() as session:
+                ids = session.execute(
+                    text("SELECT id FROM jobs WHERE tenant = :t"), {"t": tenant}
+                ).scalars()
+                assert [str(i) for i in ids] == [r.json()["id"]]
     finally:
         api.stop()

@@ -30,7 +30,6 @@ from api.waiter import waiter
 from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import get_engine, session_scope
-from shared.dispatch import enqueue
 from shared.jobs import TERMINAL, JobStatus, withdrawn_key
 from shared.orm import Job
 
@@ -80,10 +79,8 @@ def _replay(tenant: str, key: str, digest: str | None) -> JSONResponse | None:
                 status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different body"
             )
         if job.status == JobStatus.QUEUED and redis_sync().exists(withdrawn_key(job.id)):
-            revived = _revive(session, job.id)
-            if revived is None:
-                return None  # the sweeper deleted it just now: this request submits afresh
-            job = revived
+            _finish_withdrawal(session, job.id)
+            return None  # this request records the job afresh
         return _accepted(
             job_id=job.id,
             type_=job.type,
@@ -95,21 +92,16 @@ def _replay(tenant: str, key: str, digest: str | None) -> JSONResponse | None:
         )
 
 
-def _revive(session: Session, job_id: uuid.UUID) -> Job | None:
+def _finish_withdrawal(session: Session, job_id: uuid.UUID) -> None:
     """A retry of a job withdrawn while Postgres was away (its first request was told 503,
-    but its INSERT had committed): the retry takes it back from the sweeper, which would
-    delete it, and sends it. Under the row lock, so the sweeper either deleted it first
-    (None: the retry records a new job) or finds it unmarked."""
+    but its INSERT had committed): the withdrawal is completed here, the job deleted
+    under its row lock, so the 503 stays true and the retry records a job of its own. If
+    the sweeper deleted it first, there is nothing left to do."""
     job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
-    if job is None or job.status != JobStatus.QUEUED:
-        return job
-    redis_sync().delete(withdrawn_key(job_id))
+    if job is not None and job.status == JobStatus.QUEUED:
+        session.delete(job)
     session.commit()
-    try:
-        enqueue([(job.id, job.type, job.priority)])
-    except Exception:  # it is recorded and unmarked: the sweeper sends it
-        log.warning("could not send a revived job", exc_info=True, extra={"job_id": str(job_id)})
-    return job
+    redis_sync().delete(withdrawn_key(job_id))
 
 
 @router.post("", status_code=202, response_model=JobAccepted)
