@@ -288,8 +288,13 @@ class GroupCommitter:
         self, jobs: list[NewJob], error: DatabaseUnavailableError
     ) -> dict[uuid.UUID, Exception]:
         """After a lost INSERT answer: each job refused with ``error`` once it is certainly
-        not going to run, accepted if a worker already took it, else outcome unknown."""
+        not going to run, accepted if a worker already took it, else outcome unknown.
+
+        The withdrawal mark goes to Redis first: the INSERT may still be in flight (a frozen
+        server holds it, to commit when it thaws, after the withdrawal found nothing), and
+        the mark makes the sweeper delete such a late job instead of sending it."""
         ids = [str(j.id) for j in jobs]
+        marked = await self._mark(jobs)
         for attempt in range(WITHDRAW_TRIES):
             if attempt:
                 await asyncio.sleep(WITHDRAW_PAUSE_S)
@@ -302,10 +307,20 @@ class GroupCommitter:
                 continue
             if not conn.closed:
                 self._idle.append(conn)
-            for j in jobs:
-                if j.id in taken:  # recorded, and a worker has it: accepted after all
-                    waiter.accepted(str(j.id), j.tenant)
+            if taken:  # recorded, and a worker has them: accepted after all, unmarked
+                with contextlib.suppress(Exception):
+                    await redis_async().delete(*(withdrawn_key(i) for i in taken))
+                for j in jobs:
+                    if j.id in taken:
+                        waiter.accepted(str(j.id), j.tenant)
             return {j.id: error for j in jobs if j.id not in taken}
+        if not marked:
+            return {j.id: OutcomeUnknownError(j.id, j.idempotency_key) for j in jobs}
+        log.warning("marked %d jobs withdrawn until Postgres answers", len(jobs))
+        return {j.id: error for j in jobs}
+
+    async def _mark(self, jobs: list[NewJob]) -> bool:
+        """Withdrawal marks for ``jobs`` in Redis; False if Redis could not take them."""
         try:
             pipe = redis_async().pipeline(transaction=False)
             for j in jobs:
@@ -313,9 +328,8 @@ class GroupCommitter:
             await pipe.execute()
         except Exception as exc:
             log.error("could not mark %d jobs withdrawn: %r", len(jobs), exc)
-            return {j.id: OutcomeUnknownError(j.id, j.idempotency_key) for j in jobs}
-        log.warning("marked %d jobs withdrawn until Postgres answers", len(jobs))
-        return {j.id: error for j in jobs}
+            return False
+        return True
 
     async def _withdraw(self, conn: AsyncConnection | None, jobs: list[NewJob]) -> set[uuid.UUID]:
         """Delete the jobs that are still queued; returns the ids deleted (a job a worker
