@@ -34,10 +34,10 @@ from api.submitter import (
 )
 from api.waiter import waiter
 from shared import keys
+from shared.batching.pending import pending_keys
 from shared.broker import PRIORITIES, QUEUES
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.dispatch import pending_keys
 from shared.logs import configure_logging
 from shared.metrics import StatsCollector
 

@@ -1,10 +1,16 @@
-"""Request and response bodies of the v1 API."""
+"""Request and response bodies of the v1 API, for validation and the OpenAPI document.
+
+The job schemas show the fields of ``shared.jobs.fields`` (``VIEW_FIELDS``,
+``ACCEPTED_FIELDS``, ``SUMMARY_FIELDS``), each with ``links``; tests/test_layout.py holds
+them to it."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
+
+from shared.jobs.fields import JobType, Priority
 
 __all__ = [
     "JobCreate",
@@ -49,7 +55,7 @@ EXAMPLE_ROW = {
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["predict", "score", "train"] = "predict"
+    type: JobType = JobType.PREDICT
     model: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     version: StrictInt | None = Field(
         None, ge=1, le=2**31 - 1, description="Pin a version; default production."
@@ -68,7 +74,7 @@ class JobCreate(BaseModel):
     promote: Literal["never", "if_better", "always"] | None = Field(
         None, description="train: promotion policy (default if_better)."
     )
-    priority: Literal["low", "normal", "high"] = "normal"
+    priority: Priority = Priority.NORMAL
     callback_url: str | None = None
     metadata: dict[str, Any] | None = None
 

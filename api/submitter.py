@@ -5,7 +5,7 @@ the current event-loop turn becomes a batch, never waiting for more: idle, a req
 batch of one. A batch is recorded in one autocommitted multi-row ``INSERT`` (one round
 trip, durable before it answers), then announced in one Redis pipeline: the hot copies of
 the new jobs and, for predict jobs, their pending ids and the doorbell (see
-``shared.dispatch``). Only if the doorbell was down, or for job types that are not
+``shared.batching.pending``). Only if the doorbell was down, or for job types that are not
 micro-batched, does a Celery message go out. Only then are the requests answered 202.
 
 Up to ``CONNECTIONS`` batches are in flight at once, each on its own connection: while
@@ -31,13 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -45,13 +41,22 @@ import psycopg2.errors
 from api.deps import redis_async
 from api.pgasync import AsyncConnection
 from api.waiter import waiter
+from shared.batching.pending import BELL_TTL_MS, bell_key, push_pending
+from shared.broker import enqueue
 from shared.config import get_settings
 from shared.db import libpq_dsn
-from shared.dispatch import BELL_TTL_MS, bell_key, enqueue, push_pending
-from shared.jobs import WITHDRAWN_TTL_S, withdrawn_key
+from shared.jobs.fields import (
+    INSERTED,
+    JobRow,
+    JobType,
+    column_list,
+    db_values,
+    hot_copy,
+    placeholders,
+)
+from shared.jobs.store import WITHDRAWN_TTL_S, withdrawn_key
 
 __all__ = [
-    "NewJob",
     "GroupCommitter",
     "submitter",
     "DatabaseUnavailableError",
@@ -105,32 +110,15 @@ class JobRejectedError(ValueError):
     422 for this request alone, its neighbours in the batch recorded without it."""
 
 
-@dataclass
-class NewJob:
-    id: uuid.UUID
-    tenant: str
-    type: str
-    model: str
-    model_version: int | None
-    priority: str
-    request: dict[str, Any]
-    metadata: dict[str, Any] | None
-    request_hash: str | None
-    created_at: datetime
-    idempotency_key: str | None = None
-
-
 # A job whose Idempotency-Key another request recorded first is skipped, not the batch.
 _INSERT = (
-    b"INSERT INTO jobs (id, tenant, type, model, model_version, status, priority, request, "
-    b"metadata, idempotency_key, request_hash, attempts, created_at) VALUES %s "
-    b"ON CONFLICT DO NOTHING RETURNING id"
-)
-_ROW = "(%s::uuid, %s, %s, %s, %s, 'queued', %s, %s::jsonb, %s::jsonb, %s, %s, 0, %s)"
+    f"INSERT INTO jobs ({column_list(INSERTED)}) VALUES %s ON CONFLICT DO NOTHING RETURNING id"
+).encode()
+_ROW = placeholders(INSERTED)
 _WITHDRAW = "DELETE FROM jobs WHERE id = ANY(%s::uuid[]) AND status = 'queued' RETURNING id"
 _PRESENT = "SELECT id FROM jobs WHERE id = ANY(%s::uuid[])"
 
-_Waiting = tuple[NewJob, "asyncio.Future[None]"]
+_Waiting = tuple[JobRow, "asyncio.Future[None]"]
 
 
 class GroupCommitter:
@@ -145,7 +133,7 @@ class GroupCommitter:
         # Celery's producer is synchronous: it publishes from one thread of its own.
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix="inferq-publish")
 
-    async def submit(self, job: NewJob) -> None:
+    async def submit(self, job: JobRow) -> None:
         """Resolves once the job is committed and announced; raises the 503 errors."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((job, done))
@@ -200,11 +188,11 @@ class GroupCommitter:
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             raise DatabaseUnavailableError(f"cannot connect: {exc}") from exc
 
-    async def _record(self, jobs: list[NewJob]) -> dict[uuid.UUID, Exception]:
+    async def _record(self, jobs: list[JobRow]) -> dict[uuid.UUID, Exception]:
         """Insert and announce; returns the jobs that were not accepted, with why."""
         conn = await self._connection()
         try:
-            rows = b",".join(conn.mogrify(_ROW, _params(j)) for j in jobs)
+            rows = b",".join(conn.mogrify(_ROW, db_values(j, INSERTED)) for j in jobs)
             returned = await conn.fetchall(_INSERT.replace(b"%s", rows, 1))
         except (psycopg2.DataError, ValueError) as exc:
             # The values, not the server (a value jsonb refuses; psycopg2 refuses a NUL in
@@ -255,23 +243,23 @@ class GroupCommitter:
             waiter.accepted(str(j.id), j.tenant)
         return outcomes
 
-    async def _announce(self, jobs: list[NewJob]) -> None:
+    async def _announce(self, jobs: list[JobRow]) -> None:
         """Hot copies (SET NX: a worker that already wrote the terminal copy wins) and the
         doorbell in one pipeline; a Celery message only where one is needed."""
         if not jobs:
             return
         settings = get_settings()
-        predict = [j for j in jobs if j.type == "predict"]
+        predict = [j for j in jobs if j.type == JobType.PREDICT]
         pipe = redis_async().pipeline(transaction=False)
         for j in jobs:
-            pipe.set(settings.key("job", j.id), _hot_copy(j), ex=settings.result_ttl_s, nx=True)
+            pipe.set(settings.key("job", j.id), hot_copy(j), ex=settings.result_ttl_s, nx=True)
         if predict:
             # Pending ids first, doorbell after: the order the protocol needs.
             push_pending(pipe, [(j.id, j.priority) for j in predict])
             pipe.set(bell_key(), "1", nx=True, px=BELL_TTL_MS)
         replies = await pipe.execute()
         rang = bool(predict) and bool(replies[-1])
-        send = [(j.id, j.type, j.priority) for j in jobs if j.type != "predict"]
+        send = [(j.id, j.type, j.priority) for j in jobs if j.type != JobType.PREDICT]
         if rang:
             send += [(j.id, j.type, j.priority) for j in predict]
         if not send:
@@ -285,7 +273,7 @@ class GroupCommitter:
             raise
 
     async def _take_back(
-        self, jobs: list[NewJob], error: DatabaseUnavailableError
+        self, jobs: list[JobRow], error: DatabaseUnavailableError
     ) -> dict[uuid.UUID, Exception]:
         """After a lost INSERT answer: each job refused with ``error`` once it is certainly
         not going to run, accepted if a worker already took it, else outcome unknown.
@@ -319,7 +307,7 @@ class GroupCommitter:
         log.warning("marked %d jobs withdrawn until Postgres answers", len(jobs))
         return {j.id: error for j in jobs}
 
-    async def _mark(self, jobs: list[NewJob]) -> bool:
+    async def _mark(self, jobs: list[JobRow]) -> bool:
         """Withdrawal marks for ``jobs`` in Redis; False if Redis could not take them."""
         try:
             pipe = redis_async().pipeline(transaction=False)
@@ -331,7 +319,7 @@ class GroupCommitter:
             return False
         return True
 
-    async def _withdraw(self, conn: AsyncConnection | None, jobs: list[NewJob]) -> set[uuid.UUID]:
+    async def _withdraw(self, conn: AsyncConnection | None, jobs: list[JobRow]) -> set[uuid.UUID]:
         """Delete the jobs that are still queued; returns the ids deleted (a job a worker
         took meanwhile stays). ``conn`` None: on a connection of its own."""
         own = conn is None or conn.closed
@@ -345,41 +333,6 @@ class GroupCommitter:
         if own and not conn.closed:
             self._idle.append(conn)
         return {uuid.UUID(str(r[0])) for r in rows}
-
-
-def _params(j: NewJob) -> tuple[Any, ...]:
-    return (
-        str(j.id),
-        j.tenant,
-        j.type,
-        j.model,
-        j.model_version,
-        j.priority,
-        json.dumps(j.request),
-        json.dumps(j.metadata) if j.metadata is not None else None,
-        j.idempotency_key,
-        j.request_hash,
-        j.created_at,
-    )
-
-
-def _hot_copy(j: NewJob) -> str:
-    view = {
-        "id": str(j.id),
-        "type": j.type,
-        "status": "queued",
-        "model": j.model,
-        "model_version": j.model_version,
-        "progress": None,
-        "result": None,
-        "error": None,
-        "metadata": j.metadata,
-        "attempts": 0,
-        "created_at": j.created_at.isoformat(),
-        "started_at": None,
-        "finished_at": None,
-    }
-    return json.dumps({"tenant": j.tenant, "view": view})
 
 
 submitter = GroupCommitter()

@@ -18,13 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from api.registry_view import VersionInfo, registry_view
 from api.schemas import JobCreate
 from shared import jsonsafe
-from shared.callbacks import CallbackRefusedError, check_url
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.features import FeatureTable, unknown_entities
+from shared.jobs.callbacks import CallbackRefusedError, check_url
+from shared.jobs.fields import JobType
 from shared.models.catalog import SPECS
+from shared.models.features import FeatureTable, unknown_entities
 from shared.models.schema import validate_rows
-from shared.scoring import validate_segment
+from shared.scoring.plan import validate_segment
 
 __all__ = ["validate_job", "request_hash"]
 
@@ -164,7 +165,7 @@ async def validate_job(body: JobCreate, max_rows: int, tenant: str) -> tuple[int
             )
         except CallbackRefusedError as exc:
             invalid("callback_url", str(exc))
-    if body.type == "train":
+    if body.type == JobType.TRAIN:
         _not_for(body, "train", "inputs", "entity_ids", "segment", "version")
         if body.model not in SPECS:
             invalid(
@@ -178,7 +179,7 @@ async def validate_job(body: JobCreate, max_rows: int, tenant: str) -> tuple[int
             request["callback_url"] = body.callback_url
         return None, request
     info = await _resolve(body)
-    if body.type == "score":
+    if body.type == JobType.SCORE:
         version, request = info.version, _validate_score(body, info)
     else:
         version, request = info.version, await _validate_predict(body, info, max_rows, tenant)

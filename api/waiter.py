@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 from redis.asyncio import Redis
 
 from shared.config import get_settings
-from shared.jobs import DONE_CHANNEL
+from shared.jobs.fields import DONE_CHANNEL, read_done_message
 
 __all__ = ["Waiter", "waiter", "RECENT_JOBS", "RECENT_BYTES"]
 
@@ -121,10 +121,7 @@ class Waiter:
                 async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(channel)
                     async for message in pubsub.listen():
-                        # "<job id>" or "<job id> <hot copy JSON>" (see shared.jobs.mirror)
-                        data: bytes = message["data"]
-                        job_id = data[:36].decode()
-                        doc = data[37:] or None
+                        job_id, doc = read_done_message(message["data"])
                         if doc is not None:
                             self._ended[job_id] = doc
                         for event in self._events.get(job_id, ()):

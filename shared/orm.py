@@ -87,7 +87,8 @@ class ApiKey(Base):
 
 
 class Job(Base):
-    """One unit of client work. Status changes only through ``shared.jobs`` compare-and-sets."""
+    """One unit of client work. Its status changes only through the compare-and-sets of
+    ``shared.jobs.store``."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -289,7 +290,7 @@ class ScoringChunk(Base):
 class Prediction(Base):
     """A score job's row; (run_id, entity_id) is unique so a chunk run twice writes nothing new.
 
-    Partitioned by run: each run has a partition of its own (``shared.scoring``), dropped
+    Partitioned by run: each run has a partition of its own (``shared.scoring.partitions``), dropped
     whole when retention ends the run."""
 
     __tablename__ = "predictions"

@@ -40,7 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
     _base = Path(tempfile.mkdtemp(prefix="inferq-test-"))
-    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, isolated_env
+    from shared.devstack.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, isolated_env
 
     db_url = os.environ.get("INFERQ_TEST_DATABASE_URL")
     if not db_url:
@@ -103,7 +103,7 @@ class Proc:
     log: Path
 
     def stop(self) -> None:
-        from shared.supervisor import stop_process_group
+        from shared.devstack.supervisor import stop_process_group
 
         stop_process_group(self.popen, 15)
 
@@ -117,7 +117,7 @@ def start_process(name: str, *args: str, env: dict[str, str] | None = None) -> P
     log = Path(os.environ["INFERQ_DATA_DIR"]).parent / f"{name}-{uuid.uuid4().hex[:6]}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
+            [sys.executable, "-m", "shared.devstack.cli", *args],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=out,
@@ -138,7 +138,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: floa
 
 
 def start_api(env: dict[str, str] | None = None, *, ready: str = "/healthz") -> tuple[Proc, str]:
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     port = free_port()
     proc = start_process("api", "api", "--port", str(port), env=env)
@@ -178,9 +178,9 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """Migrated database, demo customers, churn v1 in production, a worker and the API."""
-    from shared.cli import migrate_db
     from shared.db import get_engine, session_scope
-    from shared.features import seed_customers
+    from shared.devstack.cli import migrate_db
+    from shared.devstack.demo import seed_customers
     from shared.models.training import train
 
     migrate_db()

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.embedded import free_port
+from shared.devstack.embedded import free_port
 
 __all__ = ["MlflowServer"]
 

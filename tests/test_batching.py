@@ -15,8 +15,8 @@ from sqlalchemy import select, update
 
 from shared.config import get_settings
 from shared.db import session_scope
+from shared.models.encoding import encode_rows
 from shared.models.registry import ModelCache
-from shared.models.schema import encode_rows
 from shared.orm import Job, PredictionLog
 from tests.conftest import ROW, Stack, record_queued, submit, wait_done
 from workers.app import celery_app
@@ -176,7 +176,7 @@ def _redis() -> Redis:
 def test_jobs_committed_while_a_delivery_drains_wait_for_it_not_for_a_message(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from shared.dispatch import bell_key, hand_over
+    from shared.batching.pending import bell_key, hand_over
 
     _idle_workers()
     redis = _redis()
@@ -240,7 +240,7 @@ def test_a_redelivered_message_retakes_what_its_first_run_held(
 def test_a_delivery_drains_for_a_bounded_time_then_hands_over(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from shared.dispatch import push_pending
+    from shared.batching.pending import push_pending
     from workers.tasks.predict import run
 
     _idle_workers()
@@ -270,9 +270,9 @@ def test_a_delivery_drains_for_a_bounded_time_then_hands_over(
 def test_prediction_logs_are_written_alike_prepared_and_inline(
     stack: Stack, client: httpx.Client, prepare: bool
 ) -> None:
-    from shared import prepared
+    from shared import sql
+    from shared.batching.inference import PREDICTION_LOGS, prediction_logs
     from shared.db import autocommit
-    from shared.inference import PREDICTION_LOGS, prediction_logs
 
     job_id = record_queued(client)
     tricky = {**ROW, "plan_tier": "50% off, 'quoted' \\ $1"}  # survives quoting as is
@@ -299,8 +299,8 @@ def test_prediction_logs_are_written_alike_prepared_and_inline(
                 statement[1], mogrify=conn.connection.cursor().mogrify, prepared=set()
             )
             assert ("EXECUTE inferq_prediction_logs(" in text) is prepare
-            prepared.run(conn, statement)
-            prepared.run(conn, statement)  # a redelivery: nothing written twice
+            sql.run(conn, statement)
+            sql.run(conn, statement)  # a redelivery: nothing written twice
     finally:
         s.db_prepare = saved
     with session_scope() as session:
@@ -321,10 +321,10 @@ def test_caches_can_live_in_a_redis_of_their_own(
 ) -> None:  # type: ignore[no-untyped-def]
     """INFERQ_CACHE_REDIS_URL: the prediction and feature caches go to a Redis that may evict
     (allkeys-lru) without touching the queues, job state or counters in the main one."""
+    from shared.batching.inference import run_predict_jobs
     from shared.db import get_engine
-    from shared.embedded import EmbeddedRedis
-    from shared.inference import run_predict_jobs
-    from shared.jobs import JobRow
+    from shared.devstack.embedded import EmbeddedRedis
+    from shared.jobs.fields import JobRow
 
     other = EmbeddedRedis(tmp_path / "cache", appendonly=False)
     cache = Redis.from_url(other.start())
@@ -377,9 +377,9 @@ def test_predictions_go_on_when_the_prediction_cache_is_down(stack: Stack) -> No
     listens on its port) costs the lookups, never the job (it was 'prediction_failed')."""
     from redis import Redis
 
+    from shared.batching.inference import _predict
     from shared.db import session_scope
-    from shared.embedded import free_port
-    from shared.inference import _predict
+    from shared.devstack.embedded import free_port
     from shared.models.registry import ModelCache
 
     with session_scope() as session:

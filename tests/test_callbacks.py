@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from shared.callbacks import CallbackRefusedError, check_url
+from shared.jobs.callbacks import CallbackRefusedError, check_url
 from tests.conftest import ROW, Stack, record_queued, start_api, submit, wait_done, wait_for
 
 

@@ -44,7 +44,7 @@ def test_a_bad_redis_url_is_named_without_its_password() -> None:
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "shared.devstack.cli", *args],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,

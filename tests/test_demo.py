@@ -27,7 +27,7 @@ def test_appending_shifted_customers_makes_a_retrain_differ_and_if_better_decide
 
     def cli(*args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "shared.cli", *args],
+            [sys.executable, "-m", "shared.devstack.cli", *args],
             cwd=ROOT,
             env=env,
             capture_output=True,

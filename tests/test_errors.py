@@ -276,14 +276,14 @@ def _submits_are_refused(stack, env: dict[str, str], what: str, *, times: int = 
 
 
 def test_broker_down_is_503_and_nothing_is_accepted(stack) -> None:  # type: ignore[no-untyped-def]
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     _submits_are_refused(stack, {"INFERQ_REDIS_URL": dead, "INFERQ_BROKER_URL": dead}, "broker")
 
 
 def test_database_down_is_503(stack) -> None:  # type: ignore[no-untyped-def]
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/inferq"
     api, url = start_api({"INFERQ_DATABASE_URL": dead})
@@ -399,8 +399,8 @@ def test_a_lost_insert_answer_with_postgres_away_is_marked_withdrawn(stack, pg_p
     the sweeper delete the recorded job instead of sending it, so the 503 stays true."""
     from datetime import timedelta
 
-    from shared.jobs import withdrawn_key
-    from workers.runtime import redis_client
+    from shared.jobs.store import withdrawn_key
+    from workers.process import redis_client
     from workers.tasks.maintenance import sweep_once
 
     api, url = start_api({"INFERQ_DATABASE_URL": pg_proxy.url})
@@ -428,7 +428,7 @@ def test_a_lost_insert_answer_with_postgres_away_is_marked_withdrawn(stack, pg_p
 def test_a_lost_insert_answer_with_postgres_and_redis_away_names_the_job(stack, pg_proxy) -> None:  # type: ignore[no-untyped-def]
     """Neither Postgres nor Redis can take the job back: the 503 says the outcome is
     unknown and gives the job's id, which the ledger does hold."""
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     api, url = start_api({"INFERQ_DATABASE_URL": pg_proxy.url, "INFERQ_REDIS_URL": dead})
@@ -452,8 +452,8 @@ def test_a_retry_with_its_key_replaces_a_job_marked_withdrawn(stack, pg_proxy) -
     committed. The retry with the same Idempotency-Key completes the withdrawal and
     records a job of its own (202), which runs: the 503 stayed true, and nothing runs
     twice."""
-    from shared.jobs import withdrawn_key
-    from workers.runtime import redis_client
+    from shared.jobs.store import withdrawn_key
+    from workers.process import redis_client
 
     api, url = start_api({"INFERQ_DATABASE_URL": pg_proxy.url})
     try:

@@ -12,7 +12,7 @@ from sqlalchemy import select, text
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.features import CUSTOMER_COLUMNS
+from shared.devstack.demo import CUSTOMER_COLUMNS
 from shared.orm import Job, PredictionLog
 from tests.conftest import ROW, make_client, record_queued, submit, wait_done
 
@@ -23,7 +23,7 @@ def _local_scores(rows: list[dict], version: int = 1) -> list[float]:
 
     with session_scope() as session:
         model = ModelCache().get(session, "churn", version)
-    from shared.models.schema import encode_rows
+    from shared.models.encoding import encode_rows
 
     scores, _ = model.predict(encode_rows(rows, model.schema))
     return scores.tolist()
@@ -122,7 +122,7 @@ def test_cancel_a_queued_job_and_the_worker_leaves_it_cancelled(client: httpx.Cl
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 409
     # The message arrives late (say, the sweeper sent it): the worker must not run it.
-    from shared.dispatch import enqueue
+    from shared.broker import enqueue
 
     enqueue([(uuid.UUID(job_id), "predict", "normal")])
     time.sleep(1.5)

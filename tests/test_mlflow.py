@@ -104,7 +104,15 @@ def test_a_followed_alias_moves_production_in_running_workers(
     registry = MlflowClient(tracking_uri)
     registry.set_registered_model_alias(name, "champion", _log(name, first))
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "models", "follow", name, f"models:/{name}@champion"],
+        [
+            sys.executable,
+            "-m",
+            "shared.devstack.cli",
+            "models",
+            "follow",
+            name,
+            f"models:/{name}@champion",
+        ],
         cwd=ROOT,
         env=os.environ,
         capture_output=True,

@@ -102,7 +102,7 @@ def test_a_numeric_regressor_registered_from_the_command_line(
     pd.DataFrame(X[:50], columns=["width", "height", "depth"]).to_csv(sample, index=False)
     name = unique("forest")
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "models", "register", name, str(artifact)]
+        [sys.executable, "-m", "shared.devstack.cli", "models", "register", name, str(artifact)]
         + ["--sample", str(sample), "--promote"],
         cwd=ROOT,
         env=os.environ,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.embedded import free_port
+from shared.devstack.embedded import free_port
 from tests.conftest import ROOT
 
 BLOCK = re.compile(r"(?:<!-- not run: (?P<why>[^>]*?) -->\n)?```sh\n(?P<code>.*?)```", re.S)
@@ -38,7 +38,7 @@ def _start_stack(base: Path, port: int, flower: int) -> tuple[subprocess.Popen, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up", "--port", str(port)]
+        [sys.executable, "-m", "shared.devstack.cli", "up", "--port", str(port)]
         + ["--flower-port", str(flower), "--data-dir", str(base / "var")],
         cwd=base,
         env=env,

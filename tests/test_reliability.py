@@ -110,7 +110,7 @@ def test_a_running_job_whose_lease_expired_is_run_again(stack: Stack, client: ht
 def test_a_duplicate_message_for_a_running_job_does_nothing(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from shared.dispatch import enqueue
+    from shared.broker import enqueue
 
     job_id = record_queued(client)
     alive = datetime.now(UTC)
@@ -127,8 +127,8 @@ def test_a_duplicate_message_for_a_running_job_does_nothing(
 
 
 def test_promotion_is_picked_up_by_the_running_worker(stack: Stack, admin: httpx.Client) -> None:
+    from shared.models.encoding import encode_rows
     from shared.models.registry import ModelCache
-    from shared.models.schema import encode_rows
     from shared.models.training import train
 
     before = admin.get("/v1/models/churn").json()["production_version"]
@@ -232,7 +232,7 @@ def test_predict_jobs_of_a_worker_that_vanished_are_retaken_in_seconds(
     within a heartbeat period or three, not a lease (600 s) later."""
     from sqlalchemy import text
 
-    from workers.runtime import heartbeat_key, redis_client
+    from workers.process import heartbeat_key, redis_client
     from workers.tasks.maintenance import retake_orphans
 
     orphan, held = record_queued(client), record_queued(client)
@@ -272,7 +272,7 @@ def test_predict_jobs_running_past_the_time_limit_are_retaken_though_their_proce
     from sqlalchemy import text
 
     from shared.config import get_settings
-    from workers.runtime import heartbeat_key, redis_client
+    from workers.process import heartbeat_key, redis_client
     from workers.tasks.maintenance import retake_orphans
 
     limit = get_settings().predict_time_limit_s

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from shared.db import session_scope
-from shared.scoring import partition_name
+from shared.scoring.partitions import partition_name
 from tests.conftest import ROW, Stack, make_client, submit, wait_done
 
 OLD = timedelta(days=45)
@@ -47,7 +47,7 @@ def _score(client: httpx.Client) -> str:
 
 
 def test_an_old_score_run_is_dropped_whole_and_the_latest_kept(owner: httpx.Client) -> None:
-    from workers.tasks.maintenance import prune_scoring_runs
+    from workers.tasks.retention import prune_scoring_runs
 
     old, latest = _score(owner), _score(owner)
     for run in (old, latest):  # each run's rows are a table of their own
@@ -68,7 +68,7 @@ def test_an_old_score_run_is_dropped_whole_and_the_latest_kept(owner: httpx.Clie
 
 def test_a_run_interrupted_mid_detach_is_finished_next_time(owner: httpx.Client) -> None:
     from shared.db import autocommit
-    from shared.scoring import drop_partition
+    from shared.scoring.partitions import drop_partition
 
     run = uuid.UUID(_score(owner))
     name = partition_name(run)
@@ -80,7 +80,7 @@ def test_a_run_interrupted_mid_detach_is_finished_next_time(owner: httpx.Client)
 
 
 def test_old_jobs_and_logs_are_deleted_recent_ones_kept(stack: Stack) -> None:
-    from workers.tasks.maintenance import prune_jobs, prune_prediction_logs
+    from workers.tasks.retention import prune_jobs, prune_prediction_logs
 
     with make_client(stack) as c:
         ids = []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from shared.db import session_scope
+from shared.models.encoding import encode_rows
 from shared.models.registry import ModelCache, production_versions
 from shared.models.runtime import MAX_ABS_DIFF, Output, SklearnRuntime, agrees, validation_sample
-from shared.models.schema import encode_rows
 
 
 def _loaded(name: str):  # type: ignore[no-untyped-def]

@@ -34,7 +34,7 @@ def test_migrate_creates_the_schema_on_an_empty_database() -> None:
     fresh = url.set(database=name)
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "migrate"],
+            [sys.executable, "-m", "shared.devstack.cli", "migrate"],
             cwd=ROOT,
             env={**os.environ, "INFERQ_DATABASE_URL": fresh.render_as_string(hide_password=False)},
             capture_output=True,

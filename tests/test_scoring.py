@@ -242,7 +242,7 @@ def test_nightly_run_is_a_job_and_happens_once_per_night(stack: Stack, admin: ht
 
 
 def test_latest_score_is_one_indexed_query(stack: Stack) -> None:
-    from shared.scoring import latest_score
+    from shared.scoring.plan import latest_score
 
     with session_scope() as session:
         latest = latest_score(session, 12)
@@ -264,7 +264,16 @@ def _cli_submit(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     from tests.conftest import ROOT
 
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "submit", "churn", *args, "--url", stack.api_url],
+        [
+            sys.executable,
+            "-m",
+            "shared.devstack.cli",
+            "submit",
+            "churn",
+            *args,
+            "--url",
+            stack.api_url,
+        ],
         cwd=ROOT,
         env={**os.environ, "INFERQ_API_KEY": os.environ["INFERQ_BOOTSTRAP_API_KEY"]},
         capture_output=True,
@@ -339,7 +348,7 @@ def test_a_run_whose_chunk_messages_were_lost_is_sent_again_and_ends(
     from datetime import UTC, datetime, timedelta
 
     from shared.orm import Job
-    from shared.scoring import plan
+    from shared.scoring.plan import plan
     from workers.tasks.maintenance import redispatch_stalled_runs
 
     job_id = uuid.uuid4()
@@ -374,7 +383,7 @@ def test_a_stalled_run_with_every_chunk_done_is_closed(stack: Stack, client: htt
     from datetime import UTC, datetime, timedelta
 
     from shared.orm import Job
-    from shared.scoring import plan
+    from shared.scoring.plan import plan
     from workers.tasks.maintenance import redispatch_stalled_runs
 
     job_id = uuid.uuid4()

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from shared.callbacks import CallbackRefusedError, check_url
 from shared.db import session_scope
+from shared.jobs.callbacks import CallbackRefusedError, check_url
 from tests.conftest import (
     ROOT,
     ROW,
@@ -95,13 +95,14 @@ def test_a_batch_the_database_refuses_is_retried_job_by_job(stack: Stack, client
     """A value that slipped past validation fails its own job (422), not its batch (503)."""
     from datetime import UTC, datetime
 
-    from api.submitter import GroupCommitter, JobRejectedError, NewJob
+    from api.submitter import GroupCommitter, JobRejectedError
+    from shared.jobs.fields import JobRow
     from tests.conftest import tenant_of
 
     tenant = tenant_of(client)
 
-    def job(request: dict) -> NewJob:
-        return NewJob(
+    def job(request: dict) -> JobRow:
+        return JobRow(
             id=uuid.uuid4(),
             tenant=tenant,
             type="predict",
@@ -109,7 +110,7 @@ def test_a_batch_the_database_refuses_is_retried_job_by_job(stack: Stack, client
             model_version=1,
             priority="normal",
             request=request,
-            metadata=None,
+            meta=None,
             request_hash=None,
             created_at=datetime.now(UTC),
         )
@@ -175,7 +176,7 @@ def test_unknown_keys_do_not_grow_the_key_cache(stack: Stack) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "shared.devstack.cli", *args],
         cwd=ROOT,
         env=os.environ,
         capture_output=True,
@@ -272,7 +273,7 @@ def test_a_callback_goes_to_the_address_that_was_checked(stack, client, monkeypa
 
 
 def test_flower_credentials_are_not_on_its_command_line(stack: Stack) -> None:
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     password = "flower-" + uuid.uuid4().hex
     port = free_port()
@@ -306,7 +307,7 @@ def test_flower_credentials_are_not_on_its_command_line(stack: Stack) -> None:
 
 
 def test_secret_files_are_private_from_their_first_byte(tmp_path: Path) -> None:
-    from shared.supervisor import _secret, _write_private
+    from shared.devstack.supervisor import _secret, _write_private
 
     old = os.umask(0o022)
     try:
@@ -320,7 +321,7 @@ def test_secret_files_are_private_from_their_first_byte(tmp_path: Path) -> None:
 
 
 def test_readyz_names_what_failed_without_its_address(stack: Stack) -> None:
-    from shared.embedded import free_port
+    from shared.devstack.embedded import free_port
 
     port = free_port()
     dead = f"postgresql+psycopg2://inferq:s3cret-pw@127.0.0.1:{port}/inferq"

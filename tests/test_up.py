@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from shared.embedded import free_port
+from shared.devstack.embedded import free_port
 from tests.conftest import ROOT, ROW
 
 
@@ -49,7 +49,7 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_process(tmp_path) -> None:  # 
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "shared.devstack.cli",
             "up",
             "--data-dir",
             str(tmp_path / "var"),
@@ -95,7 +95,9 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_process(tmp_path) -> None:  # 
         # Crash the API: the supervisor restarts it.
         api_pid = int(
             subprocess.run(
-                ["pgrep", "-f", f"shared.cli api --port {api_port}"], capture_output=True, text=True
+                ["pgrep", "-f", f"shared.devstack.cli api --port {api_port}"],
+                capture_output=True,
+                text=True,
             ).stdout.split()[0]
         )
         os.kill(api_pid, signal.SIGKILL)

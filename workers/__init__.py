@@ -1,0 +1,1 @@
+"""The worker and beat processes: Celery tasks that do the CPU-bound work."""

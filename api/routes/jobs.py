@@ -22,15 +22,24 @@ from api.schemas import JobAccepted, JobCreate, JobList, JobPublic, JobSummary
 from api.submitter import (
     DatabaseUnavailableError,
     IdempotencyKeyTakenError,
-    NewJob,
     submitter,
 )
 from api.validation import request_hash, validate_job
 from api.waiter import waiter
-from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import get_engine, session_scope
-from shared.jobs import TERMINAL, JobStatus, withdrawn_key
+from shared.jobs import store as jobstore
+from shared.jobs.fields import (
+    ACCEPTED_FIELDS,
+    SUMMARY_FIELDS,
+    TERMINAL,
+    JobRow,
+    JobStatus,
+    JobType,
+    public_view,
+    view,
+)
+from shared.jobs.store import withdrawn_key
 from shared.orm import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -46,26 +55,9 @@ def _links(job_id: Any) -> dict[str, str]:
     return {"self": f"{get_settings().public_url}/v1/jobs/{job_id}"}
 
 
-def _accepted(
-    *,
-    job_id: Any,
-    type_: str,
-    status_: str,
-    model: str,
-    version: int | None,
-    created: Any,
-    code: int,
-) -> JSONResponse:
-    body = {
-        "id": str(job_id),
-        "type": type_,
-        "status": status_,
-        "model": model,
-        "model_version": version,
-        "created_at": created.isoformat() if created else None,
-        "links": _links(job_id),
-    }
-    return JSONResponse(body, status_code=code, headers={"Location": f"/v1/jobs/{job_id}"})
+def _accepted(job: Job | JobRow, *, code: int) -> JSONResponse:
+    body = {**view(job, ACCEPTED_FIELDS), "links": _links(job.id)}
+    return JSONResponse(body, status_code=code, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 def _replay(tenant: str, key: str, digest: str | None) -> JSONResponse | None:
@@ -81,15 +73,7 @@ def _replay(tenant: str, key: str, digest: str | None) -> JSONResponse | None:
         if job.status == JobStatus.QUEUED and redis_sync().exists(withdrawn_key(job.id)):
             _finish_withdrawal(session, job.id)
             return None  # this request records the job afresh
-        return _accepted(
-            job_id=job.id,
-            type_=job.type,
-            status_=job.status,
-            model=job.model,
-            version=job.model_version,
-            created=job.created_at,
-            code=200,
-        )
+        return _accepted(job, code=200)
 
 
 def _finish_withdrawal(session: Session, job_id: uuid.UUID) -> None:
@@ -122,7 +106,7 @@ async def submit(
     body: JobCreate, principal: Principal, idempotency_key: str | None
 ) -> JSONResponse:
     """The work of ``POST /v1/jobs`` (also served by ``api.fastpath``)."""
-    if body.type == "train" and "models:admin" not in principal.scopes:
+    if body.type == JobType.TRAIN and "models:admin" not in principal.scopes:
         # A train job registers a version and may promote it for every tenant.
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
@@ -135,7 +119,7 @@ async def submit(
         if replay is not None:
             return replay
     version, request = await validate_job(body, get_settings().max_rows, principal.tenant)
-    job = NewJob(
+    job = JobRow(
         id=uuid.uuid4(),
         tenant=principal.tenant,
         type=body.type,
@@ -143,7 +127,7 @@ async def submit(
         model_version=version,
         priority=body.priority,
         request=request,
-        metadata=body.metadata,
+        meta=body.metadata,
         request_hash=digest,
         created_at=datetime.now(UTC),
         idempotency_key=idempotency_key,
@@ -157,15 +141,7 @@ async def submit(
             raise DatabaseUnavailableError("the job holding this key was withdrawn") from None
         return replay
     log.debug("accepted %s job", job.type, extra={"job_id": str(job.id)})
-    return _accepted(
-        job_id=job.id,
-        type_=job.type,
-        status_=JobStatus.QUEUED,
-        model=job.model,
-        version=version,
-        created=job.created_at,
-        code=202,
-    )
+    return _accepted(job, code=202)
 
 
 def _parse_id(job_id: str) -> uuid.UUID:
@@ -178,7 +154,7 @@ def _parse_id(job_id: str) -> uuid.UUID:
 def _read_ledger(job_id: uuid.UUID, tenant: str) -> dict[str, Any] | None:
     with session_scope() as session:
         job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
-        return jobstore.public_view(job) if job is not None else None
+        return public_view(job) if job is not None else None
 
 
 async def _read_hot(job_id: uuid.UUID) -> dict[str, Any] | None:
@@ -253,7 +229,7 @@ def cancel_job(
     if not changed:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job already {job.status}")
     jobstore.mirror(redis, [job])
-    return JobPublic(**jobstore.public_view(job), links=_links(jid))
+    return JobPublic(**public_view(job), links=_links(jid))
 
 
 @router.get("/{job_id}/result.csv", response_class=StreamingResponse)
@@ -267,7 +243,7 @@ def score_result_csv(
     job = session.scalar(select(Job).where(Job.id == jid, Job.tenant == principal.tenant))
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "job not found")
-    if job.type != "score":
+    if job.type != JobType.SCORE:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "only score jobs have result.csv")
     if job.status != JobStatus.SUCCEEDED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job is {job.status}; no rows yet")
@@ -318,7 +294,7 @@ def list_jobs(
     session: SessionDep,
     principal: Annotated[Principal, require("jobs:read")],
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-    type_: Annotated[str | None, Query(alias="type", pattern="^(predict|score|train)$")] = None,
+    type_: Annotated[JobType | None, Query(alias="type")] = None,
     model: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
@@ -337,18 +313,6 @@ def list_jobs(
     rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     page, more = rows[:limit], len(rows) > limit
     return JobList(
-        items=[
-            JobSummary(
-                id=str(j.id),
-                type=j.type,
-                status=j.status,
-                model=j.model,
-                model_version=j.model_version,
-                created_at=j.created_at.isoformat(),
-                finished_at=j.finished_at.isoformat() if j.finished_at else None,
-                links=_links(j.id),
-            )
-            for j in page
-        ],
+        items=[JobSummary(**view(j, SUMMARY_FIELDS), links=_links(j.id)) for j in page],
         next_cursor=_encode_cursor(page[-1]) if more else None,
     )

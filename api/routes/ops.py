@@ -62,7 +62,7 @@ class NoWorkersError(RuntimeError):
 
 def _workers() -> str:
     """Worker processes refresh a heartbeat key every few seconds, whose value says whether
-    they have loaded the production versions yet (see workers.runtime)."""
+    they have loaded the production versions yet (see workers.process)."""
     redis = redis_sync()
     names = list(redis.scan_iter(get_settings().key("worker", "*"), count=1000))
     if not names:

@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.orm import Session
 
-from shared.features import check_table
 from shared.models import formats, registry
+from shared.models.features import check_table
 from shared.models.registry import LoadedModel
-from shared.models.schema import SchemaError, infer, validate_rows
+from shared.models.schema import SchemaError, validate_rows
+from shared.models.schema_infer import infer
 from shared.orm import ModelVersion
 
 __all__ = ["IntakeError", "Submission", "register_artifact", "sample_frame", "KINDS", "NAME"]

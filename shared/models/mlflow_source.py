@@ -12,14 +12,20 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from shared.models.mlflow_client import (
+    MlflowSourceError,
+    call_server,
+    error_code,
+    missing_extra,
+    one_line,
+    shorten,
+    tracking_client,
+)
 
 __all__ = [
     "MlflowModel",
@@ -35,26 +41,9 @@ MLMODEL_FILE = "MLmodel"
 #: ``serialization_format`` of the sklearn flavour -> our format name.
 _FORMATS = {"pickle": "pickle", "cloudpickle": "pickle", "skops": "skops"}
 
-#: Client settings for the duration of a server call, unless the operator has set them:
-#: MLflow's defaults (7 retries with backoff, 120 s timeout) turn an unreachable server
-#: into minutes of waiting.
-_CLIENT_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
-#: Pinned to the call's tracking URI, a safety net only: a few MLflow code paths (models:/
-#: URI resolution) ignore the URIs passed in and fall back to these, and unset, to a
-#: ./mlflow.db that they create. (An ``mlflow.set_tracking_uri`` of the process wins over them.)
-_PINNED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-_env_lock = threading.RLock()
 
 _MODELS_PREFIX = "models:/"
 _RUNS_PREFIX = "runs:/"
-
-
-class MlflowSourceError(ValueError):
-    """A model could not be read from MLflow; the message names the URI and the problem."""
 
 
 @dataclass
@@ -93,7 +82,7 @@ def read_model_dir(path: str | os.PathLike[str], *, uri: str | None = None) -> M
     try:
         import yaml  # an MLflow dependency
     except ImportError:
-        _missing_extra()
+        missing_extra()
     try:
         text = (root / MLMODEL_FILE).read_text(encoding="utf-8")
     except OSError as e:
@@ -103,7 +92,7 @@ def read_model_dir(path: str | os.PathLike[str], *, uri: str | None = None) -> M
         spec = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MlflowSourceError(
-            f"{label}: unreadable MLmodel file ({_shorten(_one_line(e))})"
+            f"{label}: unreadable MLmodel file ({shorten(one_line(e))})"
         ) from None
     if not isinstance(spec, dict):
         raise MlflowSourceError(f"{label}: unreadable MLmodel file (not a mapping)")
@@ -140,7 +129,7 @@ def fetch(uri: str, tracking_uri: str) -> MlflowModel:
     if not is_mlflow_uri(uri):
         raise MlflowSourceError(f"{uri}: not a models:/ or runs:/ URI")
     with (
-        _client(uri, tracking_uri) as client,
+        tracking_client(uri, tracking_uri) as client,
         tempfile.TemporaryDirectory(prefix="inferq-mlflow-") as tmp,
     ):
         source: dict[str, Any] = {"mlflow_model": None, "mlflow_version": None, "run_id": None}
@@ -151,19 +140,21 @@ def fetch(uri: str, tracking_uri: str) -> MlflowModel:
         else:
             kind, name, ref = _parse_models_uri(uri)
             if kind == "model_id":
-                artifact_uri = _call(uri, tracking_uri, lambda: _logged_model(client, uri, name))
+                artifact_uri = call_server(
+                    uri, tracking_uri, lambda: _logged_model(client, uri, name)
+                )
             else:
                 mv = _model_version(client, uri, tracking_uri, kind, name, ref)
                 source.update(mlflow_model=mv.name, mlflow_version=str(mv.version))
                 source["run_id"] = mv.run_id or None
-                artifact_uri = _call(
+                artifact_uri = call_server(
                     uri,
                     tracking_uri,
                     lambda: client.get_model_version_download_uri(mv.name, mv.version),
                 )
                 if artifact_uri.startswith(_MODELS_PREFIX):  # the version's logged model
                     model_id = artifact_uri[len(_MODELS_PREFIX) :]
-                    artifact_uri = _call(
+                    artifact_uri = call_server(
                         uri, tracking_uri, lambda: _logged_model(client, uri, model_id)
                     )
             local = _download(uri, tracking_uri, artifact_uri, tmp)
@@ -177,7 +168,7 @@ def alias_version(uri: str, tracking_uri: str) -> str:
     kind, name, alias = _parse_models_uri(uri)
     if kind != "alias":
         raise MlflowSourceError(f"{uri}: not of the form models:/NAME@ALIAS")
-    with _client(uri, tracking_uri) as client:
+    with tracking_client(uri, tracking_uri) as client:
         return str(_model_version(client, uri, tracking_uri, kind, name, alias).version)
 
 
@@ -254,44 +245,15 @@ def _parse_runs_uri(uri: str) -> tuple[str, str]:
 # --- server calls -------------------------------------------------------------------------------
 
 
-@contextmanager
-def _client(uri: str, tracking_uri: str) -> Iterator[Any]:
-    """An ``MlflowClient`` for ``tracking_uri`` with bounded HTTP retries and timeouts."""
-    if not isinstance(tracking_uri, str) or not tracking_uri.startswith(("http://", "https://")):
-        # An empty URI would make MLflow fall back to ./mlflow.db (and create it).
-        raise MlflowSourceError(
-            f"{uri}: the MLflow tracking URI must be http(s)://..., got {tracking_uri!r}"
-        )
-    try:
-        from mlflow import MlflowClient
-    except ImportError:
-        _missing_extra()
-    # os.environ is process-wide: one call at a time sets and restores it.
-    with _env_lock:
-        saved = {k: os.environ.get(k) for k in (*_CLIENT_ENV, *_PINNED_ENV)}
-        for k, default in _CLIENT_ENV.items():
-            os.environ.setdefault(k, default)
-        for k in _PINNED_ENV:
-            os.environ[k] = tracking_uri
-        try:
-            yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        finally:
-            for k, old in saved.items():
-                if old is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = old
-
-
 def _model_version(client: Any, uri: str, tracking_uri: str, kind: str, name: str, ref: str) -> Any:
     if kind == "alias":
-        return _call(
+        return call_server(
             uri,
             tracking_uri,
             lambda: client.get_model_version_by_alias(name, ref),
             not_found=f"no version of registered model {name!r} has alias {ref!r}",
         )
-    return _call(
+    return call_server(
         uri,
         tracking_uri,
         lambda: client.get_model_version(name, ref),
@@ -303,7 +265,7 @@ def _logged_model(client: Any, uri: str, model_id: str) -> str:
     try:
         return str(client.get_logged_model(model_id).artifact_location)
     except Exception as e:
-        if _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+        if error_code(e) == "RESOURCE_DOES_NOT_EXIST":
             raise MlflowSourceError(
                 f"{uri}: no logged model {model_id!r} "
                 "(registry models are models:/NAME@ALIAS or models:/NAME/VERSION)"
@@ -316,11 +278,13 @@ def _download_run_model(
 ) -> str:
     from mlflow.artifacts import list_artifacts
 
-    run = _call(uri, tracking_uri, lambda: client.get_run(run_id), not_found=f"no run {run_id!r}")
+    run = call_server(
+        uri, tracking_uri, lambda: client.get_run(run_id), not_found=f"no run {run_id!r}"
+    )
     # Not client.list_artifacts/download_artifacts(run_id, ...): they go through runs:/ URIs,
     # whose logged-model fallback resolves against the process-global tracking URI.
     in_run = f"{run.info.artifact_uri.rstrip('/')}/{path}"
-    listed = _call(
+    listed = call_server(
         uri, tracking_uri, lambda: list_artifacts(artifact_uri=in_run, tracking_uri=tracking_uri)
     )
     if any(posixpath.basename(f.path) == MLMODEL_FILE for f in listed):
@@ -345,7 +309,7 @@ def _download_run_model(
             if not token:
                 return None
 
-    logged = _call(uri, tracking_uri, find) if "'" not in name else None
+    logged = call_server(uri, tracking_uri, find) if "'" not in name else None
     if logged is None:
         raise MlflowSourceError(f"{uri}: run {run_id} has no model at {path!r}")
     artifact_uri = str(logged.artifact_location).rstrip("/") + (f"/{sub}" if sub else "")
@@ -356,7 +320,7 @@ def _download(uri: str, tracking_uri: str, artifact_uri: str, tmp: str) -> str:
     from mlflow.artifacts import download_artifacts
 
     return str(
-        _call(
+        call_server(
             uri,
             tracking_uri,
             lambda: download_artifacts(
@@ -367,66 +331,3 @@ def _download(uri: str, tracking_uri: str, artifact_uri: str, tmp: str) -> str:
             ),
         )
     )
-
-
-def _call(uri: str, tracking_uri: str, fn: Any, *, not_found: str | None = None) -> Any:
-    """``fn()``, with any failure turned into a one-line :class:`MlflowSourceError`."""
-    try:
-        return fn()
-    except MlflowSourceError:
-        raise
-    except Exception as e:
-        code = _error_code(e)
-        text = _one_line(e)
-        # A missing alias on an existing model comes back as INVALID_PARAMETER_VALUE.
-        missing = code == "RESOURCE_DOES_NOT_EXIST" or (
-            code == "INVALID_PARAMETER_VALUE" and "not found" in text.lower()
-        )
-        if not_found and missing:
-            msg = f"{not_found} at {tracking_uri}"
-        elif _is_connection_error(e, text):
-            msg = f"cannot reach the MLflow tracking server {tracking_uri} ({_reason(text)})"
-        elif "failed with error code 404 != 200" in text:
-            # An HTTP server answered, but without MLflow's API under that URL.
-            msg = f"no MLflow tracking server at {tracking_uri} (HTTP 404)"
-        else:
-            msg = f"MLflow error from {tracking_uri}: {_shorten(text)}"
-        raise MlflowSourceError(f"{uri}: {msg}") from None
-
-
-def _error_code(e: BaseException) -> str | None:
-    code = getattr(e, "error_code", None)
-    return code if isinstance(code, str) else None
-
-
-def _is_connection_error(e: BaseException, text: str) -> bool:
-    import requests
-
-    if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-        return True
-    # MLflow wraps requests' errors: "API request to ... failed with exception ...".
-    return "failed with exception" in text and (
-        "Max retries exceeded" in text or "timed out" in text or "Connection" in text
-    )
-
-
-def _reason(text: str) -> str:
-    for pattern in (r"\[Errno -?\d+\] [^'\")\]]+", r"Read timed out", r"timed out"):
-        if m := re.search(pattern, text):
-            return m.group(0).strip()
-    return "no response"
-
-
-def _one_line(e: BaseException) -> str:
-    # MLflow's messages run over several lines (a header, then the failures).
-    return " ".join(str(getattr(e, "message", None) or e).split()) or type(e).__name__
-
-
-def _shorten(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _missing_extra() -> NoReturn:
-    raise MlflowSourceError(
-        "MLflow support needs the [mlflow] extra: pip install 'inferq[mlflow]'"
-    ) from None

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from shared.config import get_settings
 from shared.models import formats
+from shared.models.encoding import columns_from_rows, model_input, rows_input
 from shared.models.runtime import Kind, OnnxRuntime, Output, Runtime, SklearnRuntime
-from shared.models.schema import columns_from_rows, model_input, rows_input
 from shared.orm import ModelArtifact, ModelVersion
 
 __all__ = [

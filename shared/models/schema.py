@@ -19,20 +19,16 @@ A schema is the JSON stored with each model version::
   key column.
 
 Validation runs in the API, once per row and field, without building a pydantic model per
-row; errors use FastAPI's ``detail`` shape so clients parse one format. ``infer`` derives a
-schema from a fitted estimator (``feature_names_in_``, fitted encoders' ``categories_``), a
-sample of rows and an MLflow signature, and says which feature needs declaring when it
-cannot.
+row; errors use FastAPI's ``detail`` shape so clients parse one format. A batch's model
+input is built by ``shared.models.encoding``; ``shared.models.schema_infer`` derives a
+schema from a fitted estimator.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from shared.jsonsafe import text_problem
 
@@ -42,13 +38,7 @@ __all__ = [
     "SchemaError",
     "check_value",
     "validate_rows",
-    "encode_rows",
-    "columns_from_rows",
-    "model_input",
-    "rows_input",
     "normalise",
-    "infer",
-    "row_key",
     "MAX_REPORTED_ERRORS",
 ]
 
@@ -133,6 +123,12 @@ def row_json_schema(schema: Mapping[str, Any], *, title: str = "") -> dict[str, 
     return out
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
 def validate_rows(
     rows: Sequence[Any], schema: Mapping[str, Any], *, loc: tuple[Any, ...] = ("body", "inputs")
 ) -> list[Error]:
@@ -166,103 +162,6 @@ def validate_rows(
             if problem is not None and add(problem[0], (i, name), problem[1], _jsonable(value)):
                 return errors
     return errors
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-def encode_rows(rows: Iterable[Mapping[str, Any]], schema: Mapping[str, Any]) -> np.ndarray:
-    """Validated rows to the ``codes`` matrix: float64, one column per feature in schema
-    order, a string as its index in ``categories``, null as NaN. A string outside the
-    categories (a row that skipped validation) is a ``KeyError``."""
-    rows = list(rows)
-    out = np.empty((len(rows), len(schema["features"])), dtype=np.float64)
-    for j, spec in enumerate(schema["features"]):
-        name = spec["name"]
-        if spec["type"] == "str":
-            index = {c: k for k, c in enumerate(spec["categories"])}
-            out[:, j] = [index[r[name]] for r in rows]
-        elif spec.get("nullable"):
-            out[:, j] = [math.nan if r[name] is None else r[name] for r in rows]
-        else:
-            out[:, j] = [r[name] for r in rows]
-    return out
-
-
-def columns_from_rows(
-    rows: Sequence[Mapping[str, Any]], schema: Mapping[str, Any]
-) -> dict[str, np.ndarray]:
-    """Validated rows to one array per feature: float64 for numbers (NaN for null), bool,
-    or object for strings (None for null)."""
-    cols: dict[str, np.ndarray] = {}
-    for spec in schema["features"]:
-        name = spec["name"]
-        values = [r[name] for r in rows]
-        if spec["type"] == "str":
-            col = np.empty(len(values), dtype=object)
-            col[:] = values
-        elif spec["type"] == "bool" and not spec.get("nullable"):
-            col = np.array(values, dtype=bool)
-        else:
-            col = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
-        cols[name] = col
-    return cols
-
-
-def _frame_column(col: np.ndarray, spec: Mapping[str, Any]) -> Any:
-    """One DataFrame column with the dtype the model was fitted on."""
-    dtype = spec.get("dtype")
-    kind = spec["type"]
-    if dtype == "category":
-        return pd.Categorical(col, categories=spec.get("categories"))
-    if kind == "str":
-        return pd.array(col, dtype=dtype) if dtype not in (None, "object") else col
-    if kind == "int" and not np.isnan(col).any():
-        return col.astype(dtype or "int64")
-    if kind == "bool" and col.dtype == bool:
-        return col
-    return col if dtype in (None, "float64") else col.astype(dtype)
-
-
-def model_input(columns: Mapping[str, np.ndarray], schema: Mapping[str, Any]) -> Any:
-    """What the estimator is given for these columns (see the module doc on ``input``)."""
-    feats = schema["features"]
-    mode = schema.get("input", "array")
-    if mode == "frame":
-        return pd.DataFrame({f["name"]: _frame_column(columns[f["name"]], f) for f in feats})
-    if mode == "codes":
-        out = np.empty((len(columns[feats[0]["name"]]), len(feats)), dtype=np.float64)
-        for j, f in enumerate(feats):
-            col = columns[f["name"]]
-            if f["type"] == "str":
-                index = {c: k for k, c in enumerate(f["categories"])}
-                out[:, j] = [index.get(v, -1) for v in col]
-            else:
-                out[:, j] = col
-        return out
-    if any(f["type"] == "str" for f in feats):
-        return np.column_stack([columns[f["name"]].astype(object) for f in feats])
-    return np.column_stack([columns[f["name"]].astype(np.float64) for f in feats])
-
-
-def rows_input(rows: Sequence[Mapping[str, Any]], schema: Mapping[str, Any]) -> Any:
-    """Validated JSON rows as the estimator takes them."""
-    if schema.get("input") == "codes":
-        return encode_rows(rows, schema)
-    return model_input(columns_from_rows(rows, schema), schema)
-
-
-def row_key(row: Mapping[str, Any], schema: Mapping[str, Any]) -> bytes:
-    """A row's values in schema order, normalised (12 and 12.0 are one value), for the
-    content-addressed prediction cache."""
-    parts = []
-    for f in schema["features"]:
-        v = row[f["name"]]
-        parts.append(repr(float(v)) if f["type"] in ("int", "float") and v is not None else repr(v))
-    return "\x1f".join(parts).encode()
 
 
 # --- declared schemas ---------------------------------------------------------------------
@@ -338,175 +237,3 @@ def normalise(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- inference from a fitted estimator -----------------------------------------------------
-
-#: MLflow signature column types → ours.
-_MLFLOW_TYPES = {
-    "long": "int",
-    "integer": "int",
-    "double": "float",
-    "float": "float",
-    "boolean": "bool",
-    "string": "str",
-}
-
-
-def _type_of(dtype: Any) -> str | None:
-    if isinstance(dtype, pd.CategoricalDtype):
-        return "str"
-    if pd.api.types.is_bool_dtype(dtype):
-        return "bool"
-    if pd.api.types.is_integer_dtype(dtype):
-        return "int"
-    if pd.api.types.is_float_dtype(dtype):
-        return "float"
-    if pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype):
-        return "str"
-    return None
-
-
-def _encoders(est: Any, columns: list[Any]) -> Iterable[tuple[list[Any], Any]]:
-    """(input columns, fitted encoder) for every encoder with ``categories_`` whose input
-    columns can be traced back to the estimator's own input."""
-    if hasattr(est, "categories_") and hasattr(est, "transform"):
-        yield columns, est
-        return
-    steps = getattr(est, "steps", None)
-    if steps:
-        # Only the first step sees the input columns as they are.
-        yield from _encoders(steps[0][1], columns)
-        return
-    fitted = getattr(est, "transformers_", None)
-    if fitted is not None:
-        indices = getattr(est, "_transformer_to_input_indices", {})
-        for name, trans, _cols in fitted:
-            if name in indices and not isinstance(trans, str):
-                sub = [columns[k] for k in indices[name] if k < len(columns)]
-                yield from _encoders(trans, sub)
-
-
-def _categories(estimator: Any, names: list[str]) -> dict[str, tuple[list[Any], bool]]:
-    """feature → (fitted categories, whether the encoder saw missing values)."""
-    found: dict[str, tuple[list[Any], bool]] = {}
-    for cols, enc in _encoders(estimator, list(names)):
-        cats = getattr(enc, "categories_", None)
-        if cats is None or len(cats) != len(cols):
-            continue
-        for col, values in zip(cols, cats, strict=True):
-            kept = [
-                v
-                for v in values.tolist()
-                if not (v is None or (isinstance(v, float) and math.isnan(v)))
-            ]
-            found[str(col)] = (kept, len(kept) < len(values))
-    return found
-
-
-def infer(
-    estimator: Any,
-    *,
-    declared: Mapping[str, Any] | None = None,
-    sample: pd.DataFrame | None = None,
-    signature: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The input schema of a fitted estimator; ``SchemaError`` says what to declare.
-
-    Names come from ``feature_names_in_`` (else the sample's or signature's columns),
-    types from the sample's dtypes or the signature, categories from fitted encoders. A
-    declared schema wins, but must name the features the estimator was fitted on.
-    """
-    fitted_names = getattr(estimator, "feature_names_in_", None)
-    names = [str(n) for n in fitted_names] if fitted_names is not None else None
-    n_in = getattr(estimator, "n_features_in_", None)
-    mode = "frame" if names is not None else "array"
-    if declared is not None:
-        schema = normalise({"input": mode, **declared})
-        got = [f["name"] for f in schema["features"]]
-        if names is not None and got != names:
-            missing = [n for n in names if n not in got]
-            extra = [n for n in got if n not in names]
-            detail = []
-            if missing:
-                detail.append(f"missing {missing}")
-            if extra:
-                detail.append(f"not in the model {extra}")
-            if not detail:
-                detail.append(f"the model's order is {names}")
-            raise SchemaError(
-                [
-                    (
-                        "schema",
-                        "features disagree with the model's feature_names_in_: "
-                        + "; ".join(detail),
-                    )
-                ]
-            )
-        if names is None and n_in is not None and len(got) != n_in:
-            raise SchemaError([("schema", f"{len(got)} features declared; the model takes {n_in}")])
-        return schema
-    sig = {c["name"]: c.get("type") for c in signature or [] if c.get("name")}
-    if names is None:
-        if sample is not None:
-            names = [str(c) for c in sample.columns]
-        elif sig:
-            names = list(sig)
-        else:
-            raise SchemaError(
-                [
-                    (
-                        "schema",
-                        "the model was fitted without feature names: give a sample "
-                        "(--sample ROWS.csv) or a schema (--schema) naming its features",
-                    )
-                ]
-            )
-        if n_in is not None and len(names) != n_in:
-            raise SchemaError(
-                [("sample", f"{len(names)} columns given; the model takes {n_in} features")]
-            )
-    elif sample is not None:
-        absent = [n for n in names if n not in sample.columns]
-        if absent:
-            raise SchemaError([("sample", f"lacks the model's features {absent}")])
-    cats = _categories(estimator, names)
-    errors: list[tuple[str, str]] = []
-    features: list[dict[str, Any]] = []
-    for name in names:
-        spec: dict[str, Any] = {"name": name}
-        kind: str | None = None
-        if sample is not None:
-            dtype = sample[name].dtype
-            kind = _type_of(dtype)
-            spec["dtype"] = str(dtype)
-            if sample[name].isna().any():
-                spec["nullable"] = True
-            if kind == "int" and spec.get("nullable"):
-                kind = "float"
-        elif name in sig:
-            kind = _MLFLOW_TYPES.get(str(sig[name]))
-        if name in cats:
-            values, saw_missing = cats[name]
-            if all(isinstance(v, str) for v in values):
-                kind = kind or "str"
-                if kind == "str":
-                    spec["categories"] = values
-            if saw_missing:
-                spec["nullable"] = True
-        if isinstance(spec.get("dtype"), str) and spec["dtype"] == "category" and kind == "str":
-            spec.setdefault(
-                "categories",
-                [str(c) for c in sample[name].cat.categories],  # type: ignore[index]
-            )
-        if kind is None:
-            errors.append(
-                (
-                    f"feature {name!r}",
-                    "type unknown: give a sample (--sample ROWS.csv) or declare it in a "
-                    "schema (int, float, bool or str)",
-                )
-            )
-            continue
-        spec["type"] = kind
-        features.append(spec)
-    if errors:
-        raise SchemaError(errors)
-    return normalise({"features": features, "input": mode})

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from shared.models import registry
 from shared.models.catalog import SPECS, ModelSpec, build_pipeline, evaluate, split
-from shared.models.schema import encode_rows
+from shared.models.encoding import encode_rows
 
 __all__ = ["train", "PROMOTE_POLICIES", "NotEnoughDataError"]
 

@@ -19,10 +19,10 @@ import uuid
 import httpx
 from sqlalchemy import text
 
-from shared.callbacks import CallbackRefusedError, check_url, pinned, signature
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.jobs import public_view
+from shared.jobs.callbacks import CallbackRefusedError, check_url, pinned, signature
+from shared.jobs.fields import public_view
 from shared.logs import job_context
 from shared.orm import Job
 from workers.app import celery_app

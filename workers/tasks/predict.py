@@ -12,10 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
-from shared import jobs as jobstore
-from shared.config import get_settings
-from shared.db import autocommit, get_engine
-from shared.dispatch import (
+from shared.batching.inference import prediction_logs, run_predict_jobs
+from shared.batching.pending import (
     HELP_AFTER_S,
     call_for_help,
     forget_in_flight,
@@ -26,11 +24,13 @@ from shared.dispatch import (
     restore_pending,
     wait_pending,
 )
-from shared.inference import prediction_logs, run_predict_jobs
-from shared.jobs import JobRow, JobStatus
+from shared.config import get_settings
+from shared.db import autocommit, get_engine
+from shared.jobs import store as jobstore
+from shared.jobs.fields import JobRow, JobStatus
 from shared.logs import job_context
 from workers.app import celery_app
-from workers.runtime import cache_client, models, redis_client, worker_name
+from workers.process import cache_client, models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _TIMEOUT: dict[str, str] = {"code": "timeout", "message": "the job exceeded its 
 )
 def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     """Predict the message's jobs and every pending predict job, a batch at a time, until
-    none is pending (see ``shared.dispatch`` for the protocol); returns the jobs ended.
+    none is pending (see ``shared.batching.pending`` for the protocol); returns the jobs ended.
 
     Each batch costs three round trips whatever its size: the claim, the results with
     their prediction logs (one transaction), and the previous batch's hot copies sent
@@ -133,14 +133,14 @@ def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> list[JobRow]
         except SoftTimeLimitExceeded:
             log.error("predict batch hit its soft time limit")
             timeout: dict[uuid.UUID, jobstore.End] = {
-                j.id: ("failed", None, _TIMEOUT) for j in jobs
+                j.id: (JobStatus.FAILED, None, _TIMEOUT) for j in jobs
             }
             return jobstore.settle_batch(conn, jobs, timeout)
         ends: dict[uuid.UUID, jobstore.End] = {
-            jid: ("succeeded", result, None) for jid, result in out.results.items()
+            jid: (JobStatus.SUCCEEDED, result, None) for jid, result in out.results.items()
         }
         for jid, (code, message) in out.errors.items():
-            ends[jid] = ("failed", None, {"code": code, "message": message})
+            ends[jid] = (JobStatus.FAILED, None, {"code": code, "message": message})
         progress = {
             jid: {"done": len(r["predictions"]), "total": len(r["predictions"])}
             for jid, r in out.results.items()

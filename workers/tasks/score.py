@@ -11,17 +11,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
-from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import get_engine, session_scope
-from shared.jobs import JobStatus
+from shared.jobs import store as jobstore
+from shared.jobs.fields import JobStatus
 from shared.logs import job_context
 from shared.models.formats import ArtifactError
 from shared.models.registry import ArtifactIntegrityError
 from shared.orm import ScoringChunk, ScoringRun
-from shared.scoring import ChunkOutcome, finalize, plan, score_chunk
+from shared.scoring.chunk import ChunkOutcome, score_chunk
+from shared.scoring.plan import finalize, plan
 from workers.app import celery_app
-from workers.runtime import models, redis_client, worker_name
+from workers.process import models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
 #: Both tasks: long time limits, and another try for a database or Redis blip (a bug is

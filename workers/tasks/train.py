@@ -9,15 +9,15 @@ import uuid
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from shared import jobs as jobstore
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.jobs import JobStatus
+from shared.jobs import store as jobstore
+from shared.jobs.fields import JobStatus
 from shared.logs import job_context
 from shared.models.training import NotEnoughDataError, train
 from shared.orm import Job
 from workers.app import celery_app
-from workers.runtime import redis_client, worker_name
+from workers.process import redis_client, worker_name
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 15.0

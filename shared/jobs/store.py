@@ -1,5 +1,9 @@
 """The job store: Postgres is the ledger, Redis holds a hot copy of each job's public view.
 
+Every change of a job's status happens here (claim, settle, fail, cancel), each a
+compare-and-set in one statement; ``mirror`` then writes the hot copies and announces
+the ended jobs. A job's fields and view are defined in ``shared.jobs.fields``.
+
 Status changes only through the compare-and-set functions here, so a second delivery of a
 task, a cancel racing a finish, or a sweeper re-send can never move a job backwards.
 """
@@ -9,29 +13,34 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from redis import Redis
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.orm import Session
 
-from shared import prepared
+from shared import sql
+from shared.broker import send_callbacks
 from shared.config import get_settings
+from shared.jobs.fields import (
+    CLAIMED,
+    DONE_CHANNEL,
+    TERMINAL,
+    JobRow,
+    JobStatus,
+    column_list,
+    done_message,
+    from_claimed,
+    hot_copy,
+)
 from shared.metrics import record_ended
 from shared.orm import Job
-from shared.prepared import Statement
+from shared.sql import Statement
 
 __all__ = [
-    "JobStatus",
-    "TERMINAL",
-    "DONE_CHANNEL",
-    "public_view",
     "mirror",
-    "JobRow",
     "claim",
     "claim_batch",
     "settle_batch",
@@ -39,57 +48,11 @@ __all__ = [
     "fail",
     "cancel",
     "heartbeat",
-    "ended_hooks",
     "withdrawn_key",
     "WITHDRAWN_TTL_S",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class JobStatus(StrEnum):
-    """queued → running → succeeded | failed | cancelled. Terminal states never change."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-#: Redis pub/sub channel: a job id is published when the job reaches a terminal state,
-#: followed by a space and its hot copy when that is at most DONE_PAYLOAD_MAX bytes.
-DONE_CHANNEL = "done"
-DONE_PAYLOAD_MAX = 16 * 1024
-#: Called with the jobs that just ended, after their hot copies are written (callback
-#: delivery registers here, see ``shared.dispatch``).
-ended_hooks: list[Callable[[Sequence[Job | JobRow]], None]] = []
-
-
-@dataclass(slots=True)
-class JobRow:
-    """A job as a predict batch handles it: the columns it needs, read without the ORM.
-
-    It has the attributes of ``shared.orm.Job`` that ``public_view``, ``mirror`` and the
-    ended-job hooks read, so either can be passed to them.
-    """
-
-    id: uuid.UUID
-    tenant: str
-    type: str
-    model: str
-    model_version: int | None
-    status: str
-    request: dict[str, Any]
-    meta: dict[str, Any] | None
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    progress: dict[str, Any] | None = None
 
 
 #: How long a withdrawal mark lasts: longer than Postgres is expected to stay away.
@@ -103,53 +66,29 @@ def withdrawn_key(job_id: uuid.UUID | str) -> str:
     return get_settings().key("withdrawn", str(job_id))
 
 
-def _iso(ts: datetime | None) -> str | None:
-    return ts.isoformat() if ts else None
-
-
-def public_view(job: Job | JobRow) -> dict[str, Any]:
-    """The job as ``GET /v1/jobs/{id}`` shows it (without ``links``, added by the API)."""
-    return {
-        "id": str(job.id),
-        "type": job.type,
-        "status": job.status,
-        "model": job.model,
-        "model_version": job.model_version,
-        "progress": job.progress,
-        "result": job.result,
-        "error": job.error,
-        "metadata": job.meta,
-        "attempts": job.attempts,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-    }
-
-
 def mirror(redis: Redis, jobs: Sequence[Job | JobRow], *, pipe: Any = None) -> None:
     """Write the hot copy of each job to Redis (TTL ``INFERQ_RESULT_TTL_S``).
 
-    Terminal jobs are also announced on the done channel, which wakes long-polls.
+    Terminal jobs are also announced on the done channel, which wakes long-polls, and
+    those that asked for a callback get their delivery sent (``shared.jobs.callbacks``).
     """
     settings = get_settings()
     p = pipe if pipe is not None else redis.pipeline(transaction=False)
     record_ended(p, [j for j in jobs if j.status in TERMINAL])
     for job in jobs:
-        doc = json.dumps({"tenant": job.tenant, "view": public_view(job)})
+        doc = hot_copy(job)
         p.set(settings.key("job", job.id), doc, ex=settings.result_ttl_s)
         if job.status in TERMINAL:
-            # Small copies ride along, so a waiting long-poll needs no second read.
-            note = f"{job.id} {doc}" if len(doc) <= DONE_PAYLOAD_MAX else str(job.id)
-            p.publish(settings.key(DONE_CHANNEL), note)
+            p.publish(settings.key(DONE_CHANNEL), done_message(job.id, doc))
     if pipe is None:
         p.execute()
     ended = [j for j in jobs if j.status in TERMINAL]
     if ended:
-        for hook in ended_hooks:
-            try:
-                hook(ended)
-            except Exception:  # a notification must never undo a recorded result
-                log.exception("ended-job hook failed")
+        try:
+            send_callbacks(ended)
+        except Exception:  # a notification must never undo a recorded result (the
+            # outbox keeps the delivery owed; the sweeper sends it)
+            log.exception("could not send callback deliveries")
 
 
 def _now() -> datetime:
@@ -178,8 +117,8 @@ CLAIM = Statement(
     UPDATE jobs SET status = 'running', attempts = attempts + 1, worker = $5,
                     started_at = now(), heartbeat_at = now()
     WHERE id IN (SELECT id FROM picked UNION SELECT id FROM retaken)
-    RETURNING id, tenant, type, model, model_version, status, request, metadata, attempts,
-              created_at, started_at""",  # JobRow's first fields, in order
+    RETURNING """
+    + column_list(CLAIMED),
     prepare=False,
 )
 SETTLE = Statement(
@@ -233,8 +172,8 @@ def claim_batch(
     settings = get_settings()
     cutoff = datetime.fromtimestamp(_now().timestamp() - settings.running_lease_s, UTC)
     args = ([str(i) for i in job_ids], cutoff, f"%/{task_id}", redelivered, f"{worker}/{task_id}")
-    rows = prepared.run(conn, (CLAIM, args))
-    taken = [JobRow(_uuid(r[0]), *r[1:]) for r in rows]  # RETURNING lists JobRow's fields
+    rows = sql.run(conn, (CLAIM, args))
+    taken = [from_claimed(r) for r in rows]
     exhausted = [j for j in taken if j.attempts > settings.max_attempts]
     if exhausted:
         error = {
@@ -242,7 +181,7 @@ def claim_batch(
             "message": f"gave up after {settings.max_attempts} attempts "
             "(the worker running it died or timed out each time)",
         }
-        ends: dict[uuid.UUID, End] = {j.id: ("failed", None, error) for j in exhausted}
+        ends: dict[uuid.UUID, End] = {j.id: (JobStatus.FAILED, None, error) for j in exhausted}
         for job in settle_batch(conn, exhausted, ends):
             log.warning("job %s failed: too many attempts", job.id, extra={"job_id": str(job.id)})
     return taken
@@ -267,6 +206,33 @@ def claim(
     return list(jobs)
 
 
+def settle(
+    conn: Connection,
+    ends: dict[uuid.UUID, End],
+    *,
+    progress: dict[uuid.UUID, dict[str, int]] | None = None,
+    before: tuple[Statement, Sequence[Any]] | None = None,
+) -> dict[uuid.UUID, datetime]:
+    """running → succeeded | failed for many jobs in one durable statement, each with its
+    (status, result, error) from ``ends``, the one way a running job ends. ``before`` is a
+    statement sent with it and run in the same transaction first (a batch's prediction
+    logs), so both commit or neither does. Returns the ended jobs' ``finished_at``; jobs
+    cancelled meanwhile stay cancelled and are left out."""
+    if not ends:
+        return {}
+    ids = list(ends)
+    args = (
+        [str(i) for i in ids],
+        [ends[i][0] for i in ids],
+        [_json(ends[i][1]) for i in ids],
+        [_json(ends[i][2]) for i in ids],
+        [_json((progress or {}).get(i)) for i in ids],
+    )
+    statements = [(DURABLE, ()), *([before] if before is not None else [])]
+    returned = sql.run(conn, *statements, (SETTLE, args))
+    return {_uuid(job_id): at for job_id, at in returned}
+
+
 def settle_batch(
     conn: Connection,
     jobs: Iterable[JobRow],
@@ -275,23 +241,12 @@ def settle_batch(
     progress: dict[uuid.UUID, dict[str, int]] | None = None,
     before: tuple[Statement, Sequence[Any]] | None = None,
 ) -> list[JobRow]:
-    """running → succeeded | failed for many jobs in one statement, with their (status,
-    result, error) from ``ends``. ``before`` is a statement sent with it and run in the
-    same transaction first (the batch's prediction logs), so both commit or neither does.
-    Jobs cancelled meanwhile stay cancelled and are left out of the returned rows."""
+    """``settle`` for a predict batch's ``JobRow`` objects, updated in place; returns the
+    ones that ended."""
     wanted = [j for j in jobs if j.id in ends]
     if not wanted:
         return []
-    args = (
-        [str(j.id) for j in wanted],
-        [ends[j.id][0] for j in wanted],
-        [_json(ends[j.id][1]) for j in wanted],
-        [_json(ends[j.id][2]) for j in wanted],
-        [_json((progress or {}).get(j.id)) for j in wanted],
-    )
-    statements = [(DURABLE, ()), *([before] if before is not None else [])]
-    returned = prepared.run(conn, *statements, (SETTLE, args))
-    finished = {_uuid(job_id): at for job_id, at in returned}
+    finished = settle(conn, {j.id: ends[j.id] for j in wanted}, progress=progress, before=before)
     out = []
     for job in wanted:
         if job.id in finished:
@@ -316,24 +271,16 @@ def finish(
     *,
     progress: dict[uuid.UUID, dict[str, int]] | None = None,
 ) -> list[Job]:
-    """running → succeeded with each job's result, all in one statement; jobs cancelled
-    meanwhile stay cancelled (and are not returned)."""
-    if not results:
+    """``settle`` to succeeded with each job's result, inside the session's transaction
+    (score runs, train jobs); returns the ended jobs as ORM objects."""
+    ends: dict[uuid.UUID, End] = {i: (JobStatus.SUCCEEDED, r, None) for i, r in results.items()}
+    finished = settle(session.connection(), ends, progress=progress)
+    if not finished:
         return []
-    durable(session)
-    rows, params = [], {}
-    for i, (job_id, result) in enumerate(results.items()):
-        rows.append(f"(CAST(:id{i} AS uuid), CAST(:r{i} AS jsonb), CAST(:p{i} AS jsonb))")
-        params[f"id{i}"] = str(job_id)
-        params[f"r{i}"] = json.dumps(result)
-        params[f"p{i}"] = json.dumps((progress or {}).get(job_id))
-    stmt = text(
-        "UPDATE jobs AS j SET status = 'succeeded', result = v.result, finished_at = now(), "
-        "progress = COALESCE(NULLIF(v.progress, 'null'::jsonb), j.progress) "
-        f"FROM (VALUES {', '.join(rows)}) AS v(id, result, progress) "
-        "WHERE j.id = v.id AND j.status = 'running' RETURNING j.*"
+    jobs = session.scalars(
+        select(Job).where(Job.id.in_(list(finished))).execution_options(populate_existing=True)
     )
-    return list(session.scalars(select(Job).from_statement(stmt), params))
+    return list(jobs)
 
 
 def fail(session: Session, job_id: uuid.UUID, *, code: str, message: str) -> Job | None:

@@ -1,4 +1,4 @@
-"""Putting recorded jobs on the broker. Always called after the job rows are committed.
+"""Micro-batching's protocol: pending lists, the doorbell, and the drain.
 
 Predict jobs are micro-batched, and the broker sees a message per busy spell, not per job:
 
@@ -36,15 +36,14 @@ from typing import Any
 
 from redis import Redis
 
-from shared.broker import PRIORITIES, TASK_FOR_TYPE, celery_app
+from shared.broker import TASK_FOR_TYPE, celery_app
 from shared.config import get_settings
-from shared.jobs import JobRow, ended_hooks, mirror
-from shared.orm import Job
+from shared.jobs.fields import JobRow, JobType, Priority
+from shared.jobs.store import mirror
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "enqueue",
     "bell_key",
     "push_pending",
     "pop_pending",
@@ -57,13 +56,10 @@ __all__ = [
     "restore_pending",
     "hand_over",
     "call_for_help",
-    "PREDICT_BATCH",
     "BELL_TTL_MS",
     "PENDING_TTL_S",
 ]
 
-#: Job ids per predict message when re-sending in bulk.
-PREDICT_BATCH = 64
 #: The doorbell lives this long unless a draining worker's pops renew it: a worker that
 #: died holding it delays new jobs by this much at most (its message is redelivered too).
 BELL_TTL_MS = 2000
@@ -74,7 +70,7 @@ HELP_AFTER_S = 0.05
 #: (the sweeper re-sends any queued job they lost).
 PENDING_TTL_S = 24 * 3600
 #: Pending lists are popped in this order.
-_PRIORITY_ORDER = ("high", "normal", "low")
+_PRIORITY_ORDER = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
 # KEYS: 1 the doorbell, 2 the wake list, 3 this task's in-flight list, 4.. the pending
 # lists, highest priority first. ARGV: 1 how many ids at most; 2 "1" for the last pop
@@ -139,7 +135,7 @@ def push_pending(pipe: Any, jobs: Iterable[tuple[uuid.UUID, str]]) -> None:
     for job_id, priority in jobs:
         by_priority.setdefault(priority, []).append(str(job_id))
     for priority, ids in by_priority.items():
-        key = _pending_key(priority if priority in _PRIORITY_ORDER else "normal")
+        key = _pending_key(priority if priority in _PRIORITY_ORDER else Priority.NORMAL)
         pipe.rpush(key, *ids)
         pipe.expire(key, PENDING_TTL_S)
     # One token is enough to wake a waiter; the next pop clears it.
@@ -207,7 +203,7 @@ def restore_pending(redis: Redis, job_ids: list[uuid.UUID]) -> None:
 
 def hand_over() -> None:
     """A message for the next delivery to go on draining (the doorbell stays up)."""
-    name, queue = TASK_FOR_TYPE["predict"]
+    name, queue = TASK_FOR_TYPE[JobType.PREDICT]
     celery_app.send_task(name, args=[[]], queue=queue)
 
 
@@ -217,43 +213,3 @@ def call_for_help(redis: Redis) -> bool:
         return False
     hand_over()
     return True
-
-
-def enqueue(jobs: Iterable[tuple[uuid.UUID, str, str]]) -> int:
-    """Send (id, type, priority) jobs; predict jobs of one priority share messages.
-
-    Raises kombu's connection errors when the broker is down: the caller decides
-    whether that is a 503 (API) or a retry later (sweeper).
-    """
-    predict: dict[str, list[str]] = {}
-    sent = 0
-    for job_id, job_type, priority in jobs:
-        if job_type == "predict":
-            predict.setdefault(priority, []).append(str(job_id))
-            continue
-        name, queue = TASK_FOR_TYPE[job_type]
-        celery_app.send_task(
-            name, args=[str(job_id)], queue=queue, priority=PRIORITIES.get(priority, 5)
-        )
-        sent += 1
-    name, queue = TASK_FOR_TYPE["predict"]
-    for priority, ids in predict.items():
-        for i in range(0, len(ids), PREDICT_BATCH):
-            celery_app.send_task(
-                name,
-                args=[ids[i : i + PREDICT_BATCH]],
-                queue=queue,
-                priority=PRIORITIES.get(priority, 5),
-            )
-            sent += 1
-    return sent
-
-
-def _send_callbacks(jobs: Sequence[Job | JobRow]) -> None:
-    """Queue one ``ops.callback`` delivery per ended job that asked for one."""
-    for job in jobs:
-        if (job.request or {}).get("callback_url"):
-            celery_app.send_task("ops.callback", args=[str(job.id)], queue="ops")
-
-
-ended_hooks.append(_send_callbacks)

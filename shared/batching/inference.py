@@ -23,14 +23,14 @@ from sqlalchemy import Engine
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.features import FeatureTable, load_features
-from shared.jobs import JobRow
+from shared.jobs.fields import JobRow
 from shared.metrics import count
+from shared.models.encoding import row_key
+from shared.models.features import FeatureTable, load_features
 from shared.models.formats import ArtifactError
 from shared.models.registry import ArtifactIntegrityError, LoadedModel, ModelCache
 from shared.models.runtime import Output
-from shared.models.schema import row_key
-from shared.prepared import Statement
+from shared.sql import Statement
 
 __all__ = ["Outcome", "run_predict_jobs", "prediction_logs", "PREDICTION_LOGS", "prediction_rows"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from shared.config import STACK_FILE, get_settings
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.devstack.embedded import EmbeddedPostgres, EmbeddedRedis
 
 __all__ = ["run_stack", "Child", "stop_process_group"]
 
@@ -170,7 +170,7 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> int:
 def _prepare(env: dict[str, str], customers: int) -> None:
     """Migrate; seed and train if the registry is empty (in a child, with the stack's env)."""
     for step in (["migrate"], ["_bootstrap-demo", "--customers", str(customers)]):
-        subprocess.run([sys.executable, "-m", "shared.cli", *step], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "shared.devstack.cli", *step], env=env, check=True)
 
 
 def run_stack(
@@ -224,7 +224,7 @@ def run_stack(
             "PYTHONUNBUFFERED": "1",
         }
         _prepare(env, customers)
-        py = [sys.executable, "-m", "shared.cli"]
+        py = [sys.executable, "-m", "shared.devstack.cli"]
         pool = ["-c", str(workers)] if workers else []
         specs = {
             "api": ["api", "--port", str(api_port)],

@@ -1,0 +1,220 @@
+"""One chunk of a score run: its rows streamed out of the feature table with a COPY,
+predicted in one call, and COPYed back into the run's partition of ``predictions`` in the
+transaction that marks the chunk done, under the chunk's row lock (a chunk delivered
+twice writes once)."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine
+
+from shared.jobs.fields import JobStatus
+from shared.models.encoding import model_input
+from shared.models.features import FeatureTable, quote
+from shared.models.registry import LoadedModel
+from shared.scoring import pgcopy
+from shared.scoring.plan import HIST_BINS, _where
+
+
+def _binary_readable(schema: dict[str, Any]) -> bool:
+    """Whether every feature reads as float8 (numbers, booleans, categories as codes)."""
+    return all(f["type"] != "str" or f.get("categories") for f in schema["features"])
+
+
+def _select_features(schema: dict[str, Any]) -> str:
+    """Every feature as float8: NULL as NaN, booleans as 0/1, categories as their index in
+    the schema (-1 if unknown or NULL)."""
+    cols = []
+    for f in schema["features"]:
+        col = quote(f["name"])
+        if f["type"] == "str":
+            cats = ",".join("'" + c.replace("'", "''") + "'" for c in f["categories"])
+            cols.append(
+                f"COALESCE(array_position(ARRAY[{cats}]::text[], {col}::text) - 1, -1)::float8"
+            )
+        elif f["type"] == "bool":
+            cols.append(f"COALESCE({col}::int::float8, 'NaN')")
+        else:
+            cols.append(f"COALESCE({col}::float8, 'NaN')")
+    return ", ".join(cols)
+
+
+def _model_input(model: LoadedModel, X: np.ndarray) -> Any:
+    """The codes matrix read by COPY as the model takes it."""
+    schema = model.schema
+    if schema.get("input") == "codes":
+        return X
+    columns: dict[str, np.ndarray] = {}
+    for j, f in enumerate(schema["features"]):
+        col = X[:, j]
+        if f["type"] == "str":
+            cats = np.empty(len(f["categories"]) + 1, dtype=object)
+            cats[:-1] = f["categories"]
+            cats[-1] = None  # code -1: NULL or a value outside the categories
+            columns[f["name"]] = cats[col.astype(np.int64)]
+        elif f["type"] == "bool" and not np.isnan(col).any():
+            columns[f["name"]] = col != 0
+        else:
+            columns[f["name"]] = col
+    return model_input(columns, schema)
+
+
+def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray, Any]:
+    """(entity ids, model input) of a chunk: a binary COPY parsed by numpy where every
+    feature reads as float8, else a CSV COPY parsed by pandas (free-text features)."""
+    schema = model.schema
+    ft = FeatureTable.of(schema)
+    assert ft is not None
+    if _binary_readable(schema):
+        query = query_of(f"{quote(ft.key)}::int8, {_select_features(schema)}")
+        buf = _Sink()
+        cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buf)
+        ids, X = pgcopy.read_float_rows(buf.getvalue(), len(schema["features"]))
+        return ids, (_model_input(model, X) if len(ids) else None)
+    import pandas as pd
+
+    names = [f["name"] for f in schema["features"]]
+    query = query_of(", ".join([f"{quote(ft.key)}::int8"] + [quote(n) for n in names]))
+    buf = _Sink()
+    cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT csv)", buf)
+    dtypes = {f["name"]: object for f in schema["features"] if f["type"] == "str"}
+    frame = pd.read_csv(
+        io.BytesIO(buf.getvalue()), header=None, names=["__key", *names], dtype=dtypes
+    )
+    columns: dict[str, np.ndarray] = {}
+    for f in schema["features"]:
+        series = frame[f["name"]]
+        if f["type"] == "str":
+            columns[f["name"]] = np.asarray(series.where(series.notna(), None), dtype=object)
+        elif f["type"] == "bool":
+            columns[f["name"]] = series.map({"t": True, "f": False}).to_numpy()
+        else:
+            columns[f["name"]] = series.to_numpy(dtype=np.float64)
+    ids = frame["__key"].to_numpy(dtype=np.int64)
+    return ids, (model_input(columns, schema) if len(ids) else None)
+
+
+class ChunkOutcome:
+    SCORED = "scored"
+    ALREADY_DONE = "already_done"
+    JOB_ENDED = "job_ended"
+
+
+def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: int) -> str:
+    """Score one chunk exactly once (see module doc). Returns a ``ChunkOutcome``."""
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        cur.execute(
+            "SELECT c.lo, c.hi, c.done_at, r.segment, j.status, j.tenant FROM scoring_chunks c "
+            "JOIN scoring_runs r ON r.id = c.run_id JOIN jobs j ON j.id = r.job_id "
+            "WHERE c.run_id = %s AND c.chunk = %s FOR UPDATE OF c",
+            (str(run_id), chunk),
+        )
+        lo, hi, done_at, segment, status, tenant = cur.fetchone()  # type: ignore[misc]
+        if done_at is not None:
+            raw.rollback()
+            return ChunkOutcome.ALREADY_DONE
+        if status != JobStatus.RUNNING:
+            raw.rollback()
+            return ChunkOutcome.JOB_ENDED
+        where, params = _where(segment)
+        ft = FeatureTable.of(model.schema)
+        assert ft is not None
+
+        # Only the condition goes through mogrify: a '%' in a category or a column name
+        # stays a '%'.
+        owned, owner = ft.owned_by(tenant)
+        condition = cur.mogrify(
+            f"WHERE {quote(ft.key).replace('%', '%%')} BETWEEN %(lo)s AND %(hi)s AND {where} "
+            f"AND {owned}",
+            {**params, **owner, "lo": lo, "hi": hi},
+        ).decode()
+
+        def query_of(columns: str) -> str:
+            return f"SELECT {columns} FROM {ft.sql_name} {condition}"
+
+        ids, X = _read_chunk(cur, model, query_of)
+        n = len(ids)
+        hist = [0] * HIST_BINS
+        if n:
+            out = model.predict(X)
+            del X
+            multiclass = out.proba is not None
+            stream = pgcopy.prediction_records(
+                run_id=run_id.bytes,
+                entity_ids=ids,
+                model=model.name,
+                version=model.version,
+                scores=out.scores,
+                labels=None if multiclass else out.labels,
+                classes=out.labels if multiclass else None,
+                scored_at=datetime.now(UTC),
+            )
+            cur.copy_expert(
+                "COPY predictions (run_id, entity_id, model, version, score, label, "
+                "predicted_class, scored_at) FROM STDIN (FORMAT binary)",
+                _Source(stream),
+            )
+            if model.kind == "classifier":  # probabilities: a fixed 0..1 histogram
+                hist = np.histogram(out.scores, bins=HIST_BINS, range=(0.0, 1.0))[0].tolist()
+        cur.execute(
+            "UPDATE scoring_chunks SET rows = %s, histogram = %s::jsonb, done_at = now() "
+            "WHERE run_id = %s AND chunk = %s",
+            (n, str(hist), str(run_id), chunk),
+        )
+        cur.execute(
+            "UPDATE scoring_runs SET rows_scored = rows_scored + %s WHERE id = %s "
+            "RETURNING rows_scored, rows_total",
+            (n, str(run_id)),
+        )
+        done, total = cur.fetchone()  # type: ignore[misc]
+        cur.execute(
+            "UPDATE jobs SET heartbeat_at = now(), "
+            "progress = jsonb_build_object('done', %s::bigint, 'total', %s::bigint)"
+            " WHERE id = (SELECT job_id FROM scoring_runs WHERE id = %s)",
+            (done, total, str(run_id)),
+        )
+        raw.commit()
+        return ChunkOutcome.SCORED
+    except BaseException:
+        raw.rollback()
+        raise
+    finally:
+        raw.close()
+
+
+class _Sink:
+    """A write-only file for COPY TO, keeping the chunks it is given (no re-copying)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class _Source:
+    """A read-only file over bytes for COPY FROM."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = len(self._view) - self._pos
+        out = self._view[self._pos : self._pos + size]
+        self._pos += len(out)
+        return bytes(out)
+
+    readline = read

@@ -1,0 +1,58 @@
+"""``predictions`` is partitioned by run: each score run writes into a partition of its
+own, and an old run is dropped whole (retention) instead of deleted row by row."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import text
+
+
+def partition_name(run_id: uuid.UUID) -> str:
+    """The run's own partition of ``predictions``."""
+    return f"predictions_{run_id.hex}"
+
+
+def ensure_partition(cur: Any, run_id: uuid.UUID) -> None:
+    """Create and attach the run's partition unless it is there. Created on its own, then
+    attached: attaching locks ``predictions`` only against other attaches and detaches
+    (SHARE UPDATE EXCLUSIVE), where ``CREATE TABLE ... PARTITION OF`` would block every
+    reader of the table for the moment (ACCESS EXCLUSIVE)."""
+    name = partition_name(run_id)
+    cur.execute(
+        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) "
+        "AND inhparent = 'predictions'::regclass",
+        (name,),
+    )
+    if cur.fetchone():
+        return
+    cur.execute(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)')
+    cur.execute(
+        f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN (%s)', (str(run_id),)
+    )
+
+
+def drop_partition(run_id: uuid.UUID) -> bool:
+    """Drop a run's rows whole: detach its partition concurrently (readers and writers of
+    other runs carry on), then drop it. Safe to repeat after an interruption. Returns
+    whether there was a partition."""
+    from shared.db import autocommit
+
+    name = partition_name(run_id)
+    with autocommit() as conn:  # DETACH ... CONCURRENTLY runs outside a transaction
+        found = conn.execute(
+            text(
+                "SELECT i.inhdetachpending FROM pg_class c "
+                "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.oid = to_regclass(:n)"
+            ),
+            {"n": name},
+        ).first()
+        if found is None:
+            return False
+        pending = found[0]
+        if pending is not None:  # still attached (detach pending after an interruption)
+            how = "FINALIZE" if pending else "CONCURRENTLY"
+            conn.exec_driver_sql(f'ALTER TABLE predictions DETACH PARTITION "{name}" {how}')
+        conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
+        return True
