@@ -18,6 +18,8 @@ from typing import Any
 import psycopg2
 from psycopg2 import extensions
 
+from shared.sql import Statement
+
 __all__ = ["AsyncConnection"]
 
 
@@ -53,6 +55,10 @@ class AsyncConnection:
     def mogrify(self, template: str, args: Sequence[Any]) -> bytes:
         """``template`` with ``args`` quoted by libpq's rules, as psycopg2 would send it."""
         return self._cursor.mogrify(template, args)  # type: ignore[no-any-return]
+
+    async def run(self, statement: Statement, *args: Any) -> list[Any]:
+        """Run a ``shared.sql.Statement`` with ``args`` (its own transaction)."""
+        return await self.fetchall(statement.sql(args, mogrify=self.mogrify, prepared=None))
 
     async def fetchall(self, sql: bytes | str, args: Sequence[Any] | None = None) -> list[Any]:
         """Run one statement (its own transaction) and return its rows."""

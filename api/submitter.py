@@ -55,6 +55,7 @@ from shared.jobs.fields import (
     placeholders,
 )
 from shared.jobs.store import WITHDRAWN_TTL_S, withdrawn_key
+from shared.sql import Statement
 
 __all__ = [
     "GroupCommitter",
@@ -115,8 +116,15 @@ _INSERT = (
     f"INSERT INTO jobs ({column_list(INSERTED)}) VALUES %s ON CONFLICT DO NOTHING RETURNING id"
 ).encode()
 _ROW = placeholders(INSERTED)
-_WITHDRAW = "DELETE FROM jobs WHERE id = ANY(%s::uuid[]) AND status = 'queued' RETURNING id"
-_PRESENT = "SELECT id FROM jobs WHERE id = ANY(%s::uuid[])"
+_WITHDRAW = Statement(
+    "inferq_withdraw",
+    ("uuid[]",),
+    "DELETE FROM jobs WHERE id = ANY($1) AND status = 'queued' RETURNING id",
+    prepare=False,
+)
+_PRESENT = Statement(
+    "inferq_present", ("uuid[]",), "SELECT id FROM jobs WHERE id = ANY($1)", prepare=False
+)
 
 _Waiting = tuple[JobRow, "asyncio.Future[None]"]
 
@@ -288,8 +296,8 @@ class GroupCommitter:
                 await asyncio.sleep(WITHDRAW_PAUSE_S)
             try:
                 conn = await self._connection()
-                await conn.fetchall(_WITHDRAW, (ids,))
-                taken = {uuid.UUID(str(r[0])) for r in await conn.fetchall(_PRESENT, (ids,))}
+                await conn.run(_WITHDRAW, ids)
+                taken = {uuid.UUID(str(r[0])) for r in await conn.run(_PRESENT, ids)}
             except Exception as exc:
                 log.warning("withdrawal after a lost answer failed (try %d): %r", attempt + 1, exc)
                 continue
@@ -326,7 +334,7 @@ class GroupCommitter:
         try:
             if conn is None or conn.closed:  # (``own``, spelt out for the type checker)
                 conn = await self._connection()
-            rows = await conn.fetchall(_WITHDRAW, ([str(j.id) for j in jobs],))
+            rows = await conn.run(_WITHDRAW, [str(j.id) for j in jobs])
         except Exception:
             log.exception("could not withdraw %d jobs; the sweeper will send any left", len(jobs))
             return set()

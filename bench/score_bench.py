@@ -354,7 +354,7 @@ def run_tutorial(
     from shared.scoring.partitions import ensure_partition
 
     with engine.begin() as conn:
-        ensure_partition(conn.connection.cursor(), uuid.UUID(run_id))
+        ensure_partition(conn, uuid.UUID(run_id))
     res = TutorialResult(cpu=CpuAccount(roots))
     res.cpu.__enter__()
     start = time.perf_counter()

@@ -1,4 +1,8 @@
-"""Hot statements, written once with ``$n`` parameters, sent as one round trip.
+"""Hand-written SQL: statements with ``$n`` parameters, several sent as one round trip.
+
+Everything that is not the ORM (``shared.orm`` models with ``select`` / ``update``) goes
+through here: the hot paths' statements (claim, settle, prediction logs) and the queries
+over users' own tables, whose names are only known at run time.
 
 ``Statement.sql`` renders the text that runs a statement with given arguments, quoted by
 psycopg2's own adaptation as execute would. A statement whose plan cannot go wrong (an
@@ -26,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 
 from shared.config import get_settings
 
-__all__ = ["Statement", "run"]
+__all__ = ["Statement", "run", "inline"]
 
 _PARAM = re.compile(r"\$(\d+)")
 
@@ -41,8 +45,11 @@ class Statement:
         self.types = tuple(types)
         casts = ", ".join(f"%s::{t}" for t in self.types)
         self._call = f"EXECUTE {name}({casts})"
-        # Inline form: each $n becomes a quoted argument with its cast.
-        self._inline = _PARAM.sub(lambda m: f"%s::{self.types[int(m.group(1)) - 1]}", sql)
+        # Inline form: each $n becomes a quoted argument with its cast (a literal '%', as in
+        # a quoted identifier, is escaped for the quoting).
+        self._inline = _PARAM.sub(
+            lambda m: f"%s::{self.types[int(m.group(1)) - 1]}", sql.replace("%", "%%")
+        )
         self._order = [int(m.group(1)) - 1 for m in _PARAM.finditer(sql)]
         self._prepare = f"PREPARE {name}({', '.join(self.types)}) AS {sql}"
 
@@ -90,3 +97,14 @@ def run(conn: Connection, *statements: tuple[Statement, Sequence[Any]]) -> list[
     finally:
         with contextlib.suppress(Exception):
             cur.close()
+
+
+def inline(conn: Connection, template: str, params: Any) -> str:
+    """``template`` (psycopg2's ``%(name)s`` placeholders) with ``params`` quoted into it:
+    for a fragment of SQL built at run time (a segment's filters), to go into a
+    ``Statement`` or a COPY, which take no parameters."""
+    cur = conn.connection.cursor()
+    try:
+        return cur.mogrify(template, params).decode()
+    finally:
+        cur.close()

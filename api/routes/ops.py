@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from sqlalchemy import select
 
 from api.deps import redis_sync
 from shared.broker import celery_app
@@ -44,7 +44,7 @@ def _check(name: str, fn: Any) -> dict[str, Any]:
 
 def _database() -> None:
     with get_engine().connect() as conn:
-        conn.execute(text("SELECT 1"))
+        conn.execute(select(1))
 
 
 def _redis() -> None:

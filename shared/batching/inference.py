@@ -262,7 +262,7 @@ PREDICTION_LOGS = Statement(
 
 def prediction_logs(logs: list[dict[str, Any]]) -> tuple[Statement, tuple[list[Any], ...]] | None:
     """The insert of a batch's logs, to be sent with the statement that ends its jobs
-    (``shared.jobs.settle_batch``); a (job_id, row) an earlier delivery logged is skipped.
+    (``shared.jobs.store.settle_batch``); a (job_id, row) an earlier delivery logged is skipped.
     None when there is nothing to log."""
     if not logs:
         return None

@@ -161,7 +161,7 @@ def pop_pending(redis: Redis, task_id: str, limit: int, *, last: bool = False) -
 def mirror_and_pop(
     redis: Redis, ended: Sequence[JobRow], task_id: str, limit: int
 ) -> list[uuid.UUID]:
-    """The hot copies of jobs a batch ended (``shared.jobs.mirror``) and the next
+    """The hot copies of jobs a batch ended (``shared.jobs.store.mirror``) and the next
     ``pop_pending``, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     mirror(redis, ended, pipe=pipe)

@@ -251,7 +251,7 @@ def train(model: str, promote: str, as_json: bool) -> None:
 @click.option("--customers", default=20_000)
 def bootstrap_demo(customers: int) -> None:
     """Seed demo customers and train every built-in model, where nothing is there yet."""
-    from sqlalchemy import text
+    from sqlalchemy import exists, select, table
 
     from shared.db import get_engine, session_scope
     from shared.devstack.demo import seed_customers
@@ -260,7 +260,7 @@ def bootstrap_demo(customers: int) -> None:
     from shared.models.training import train as train_model
 
     with session_scope() as session:
-        has_customers = session.execute(text("SELECT EXISTS (SELECT 1 FROM customers)")).scalar()
+        has_customers = session.scalar(select(exists().select_from(table("customers"))))
     if not has_customers:
         click.echo(f"inferq: seeding {customers} demo customers", err=True)
         seed_customers(get_engine(), customers)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
-from sqlalchemy import Connection, select, text, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import sql
@@ -142,7 +142,7 @@ DURABLE = Statement("inferq_durable", (), _DURABLE_SQL, prepare=False)
 
 def durable(session: Session) -> None:
     """This session's transaction commits durably (see ``DURABLE``)."""
-    session.execute(text(_DURABLE_SQL))
+    sql.run(session.connection(), (DURABLE, ()))
 
 
 #: What ``settle_batch`` writes for a job: (status, result, error).
@@ -316,6 +316,7 @@ def cancel(session: Session, job_id: uuid.UUID, *, tenant: str) -> tuple[Job | N
 def heartbeat(session: Session, job_id: uuid.UUID) -> None:
     """Renew a running job's lease, so the sweeper leaves it to the delivery running it."""
     session.execute(
-        text("UPDATE jobs SET heartbeat_at = now() WHERE id = :id AND status = 'running'"),
-        {"id": job_id},
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(heartbeat_at=func.now())
     )

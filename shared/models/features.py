@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from shared import sql
 from shared.config import get_settings
 from shared.metrics import count
+from shared.sql import Statement
 
 __all__ = [
     "FeatureTable",
@@ -79,6 +81,27 @@ class FeatureTable:
         return f"{self.table}:{digest}"
 
 
+_COLUMNS = Statement(
+    "inferq_table_columns",
+    ("text", "text"),
+    "SELECT column_name, data_type FROM information_schema.columns "
+    "WHERE table_name = $1 AND table_schema = COALESCE($2, current_schema())",
+    prepare=False,
+)
+
+
+def _by_key(ft: FeatureTable, columns: str) -> Statement:
+    """``columns`` of the rows of ``ft`` whose key is in $1 (bigint[]) and, where the
+    table has a tenant column, that belong to tenant $2."""
+    owned = f"{quote(ft.tenant_column)} = $2" if ft.tenant_column else "TRUE"
+    return Statement(
+        "inferq_features",
+        ("bigint[]", "text"),
+        f"SELECT {columns} FROM {ft.sql_name} WHERE {quote(ft.key)} = ANY($1) AND {owned}",
+        prepare=False,
+    )
+
+
 def check_table(
     session: Session,
     table: str,
@@ -89,13 +112,7 @@ def check_table(
     """What keeps ``table`` from being the feature table of a model with ``features``:
     (field, message) pairs naming the table, the key or the feature column."""
     schema_name, _, name = table.rpartition(".")
-    rows = session.execute(
-        text(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_name = :t AND table_schema = COALESCE(:s, current_schema())"
-        ),
-        {"t": name, "s": schema_name or None},
-    ).all()
+    rows = sql.run(session.connection(), (_COLUMNS, (name, schema_name or None)))
     types = {c: t for c, t in rows}
     if not types:
         return [("feature_table", f"no table {table!r} in inferq's database")]
@@ -125,16 +142,8 @@ def unknown_entities(
     session: Session, ft: FeatureTable, ids: Sequence[int], tenant: str
 ) -> list[tuple[int, int]]:
     """(position, id) of every id ``ft`` has no row of ``tenant``'s for."""
-    owned = f"{quote(ft.tenant_column)} = :owner" if ft.tenant_column else "TRUE"
-    known = set(
-        session.scalars(
-            text(
-                f"SELECT {quote(ft.key)} FROM {ft.sql_name} "
-                f"WHERE {quote(ft.key)} = ANY(:ids) AND {owned}"
-            ),
-            {"ids": list(set(ids)), "owner": tenant},
-        )
-    )
+    rows = sql.run(session.connection(), (_by_key(ft, quote(ft.key)), (list(set(ids)), tenant)))
+    known = {r[0] for r in rows}
     return [(i, e) for i, e in enumerate(ids) if e not in known]
 
 
@@ -170,18 +179,14 @@ def load_features(
     count(counters, "cache", "features", "miss", by=len(missing))
     if missing:
         cols = ", ".join(quote(c) for c in ft.columns)
-        owned = f"{quote(ft.tenant_column)} = :owner" if ft.tenant_column else "TRUE"
-        sql = text(
-            f"SELECT {quote(ft.key)} AS __key, {cols} FROM {ft.sql_name} "
-            f"WHERE {quote(ft.key)} = ANY(:ids) AND {owned}"
-        )
+        read = _by_key(ft, f"{quote(ft.key)}, {cols}")
         with engine.connect() as conn:
-            rows = conn.execute(sql, {"ids": list(missing), "owner": tenant}).mappings().all()
-        for r in rows:
-            feats = {c: _plain(r[c]) for c in ft.columns}
-            found[r["__key"]] = feats
+            rows = sql.run(conn, (read, (list(missing), tenant)))
+        for key, *values in rows:
+            feats = {c: _plain(v) for c, v in zip(ft.columns, values, strict=True)}
+            found[key] = feats
             pipe.set(
-                settings.key("feat", *scope, r["__key"]),
+                settings.key("feat", *scope, key),
                 json.dumps(feats),
                 ex=settings.feature_cache_ttl_s,
             )

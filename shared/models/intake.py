@@ -5,7 +5,7 @@ register`` both call. Every check runs before anything is written, and each refu
 ``IntakeError`` naming the field at fault: the format and, for skops files, the types it
 would have to trust; that it is a fitted estimator; its kind (scikit-learn's own
 ``is_classifier`` / ``is_regressor`` / ``is_outlier_detector``, or the declared one); its
-input schema (``shared.models.schema.infer``); the feature table; and a trial prediction on
+input schema (``shared.models.schema_infer.infer``); the feature table; and a trial prediction on
 the sample, or on rows built from the schema, through the same code that serves jobs.
 """
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -131,7 +131,7 @@ def register(
 ) -> ModelVersion:
     """Store ``data`` as the next version of ``name`` (stage ``staging``)."""
     # One writer per model name at a time, so version numbers never collide.
-    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": f"registry:{name}"})
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"registry:{name}"))))
     latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
     digest = store_artifact(session, data, fmt)
     mv = ModelVersion(

@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from shared import sql
 from shared.models import registry
 from shared.models.catalog import SPECS, ModelSpec, build_pipeline, evaluate, split
 from shared.models.encoding import encode_rows
+from shared.sql import Statement
 
 __all__ = ["train", "PROMOTE_POLICIES", "NotEnoughDataError"]
 
@@ -33,24 +34,24 @@ def _table_data(
     newest ``max_rows`` (highest keys), so rows added since the last version count."""
     schema = spec.schema
     table, key, label = schema["feature_table"], schema["key"], spec.label
-    cols = ", ".join(f'"{f["name"]}"' for f in schema["features"])
-    rows = (
-        session.execute(
-            text(
-                f'SELECT {cols}, "{label}" AS label, updated_at FROM "{table}" '
-                f'WHERE "{label}" IS NOT NULL ORDER BY "{key}" DESC LIMIT :n'
-            ),
-            {"n": max_rows},
-        )
-        .mappings()
-        .all()
+    names = [f["name"] for f in schema["features"]]
+    cols = ", ".join(f'"{n}"' for n in names)
+    newest = Statement(
+        "inferq_training_rows",
+        ("bigint",),
+        f'SELECT {cols}, "{label}" AS label, updated_at FROM "{table}" '
+        f'WHERE "{label}" IS NOT NULL ORDER BY "{key}" DESC LIMIT $1',
+        prepare=False,
     )
+    fields = [*names, "label", "updated_at"]
+    found = sql.run(session.connection(), (newest, (max_rows,)))
+    rows = [dict(zip(fields, r, strict=True)) for r in found]
     if len(rows) < MIN_ROWS:
         raise NotEnoughDataError(
             f"{spec.name} needs at least {MIN_ROWS} labelled rows in {table}, found {len(rows)}; "
             "run `inferq seed --customers N`"
         )
-    X = encode_rows([dict(r) for r in rows], schema)
+    X = encode_rows(rows, schema)
     y = np.fromiter((r["label"] for r in rows), dtype=np.int8, count=len(rows))
     stamps = [r["updated_at"] for r in rows]
     window = {"rows": len(rows), "from": min(stamps).isoformat(), "to": max(stamps).isoformat()}

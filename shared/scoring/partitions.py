@@ -4,9 +4,11 @@ own, and an old run is dropped whole (retention) instead of deleted row by row."
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection
+
+from shared import sql
+from shared.sql import Statement
 
 
 def partition_name(run_id: uuid.UUID) -> str:
@@ -14,22 +16,43 @@ def partition_name(run_id: uuid.UUID) -> str:
     return f"predictions_{run_id.hex}"
 
 
-def ensure_partition(cur: Any, run_id: uuid.UUID) -> None:
+_ATTACHED = Statement(
+    "inferq_partition_attached",
+    ("text",),
+    "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass($1) "
+    "AND inhparent = 'predictions'::regclass",
+    prepare=False,
+)
+_DETACH_STATE = Statement(
+    "inferq_partition_state",
+    ("text",),
+    "SELECT i.inhdetachpending FROM pg_class c "
+    "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.oid = to_regclass($1)",
+    prepare=False,
+)
+
+
+def _ddl(text: str, types: tuple[str, ...] = ()) -> Statement:
+    return Statement("inferq_partition_ddl", types, text, prepare=False)
+
+
+def ensure_partition(conn: Connection, run_id: uuid.UUID) -> None:
     """Create and attach the run's partition unless it is there. Created on its own, then
     attached: attaching locks ``predictions`` only against other attaches and detaches
     (SHARE UPDATE EXCLUSIVE), where ``CREATE TABLE ... PARTITION OF`` would block every
     reader of the table for the moment (ACCESS EXCLUSIVE)."""
     name = partition_name(run_id)
-    cur.execute(
-        "SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(%s) "
-        "AND inhparent = 'predictions'::regclass",
-        (name,),
-    )
-    if cur.fetchone():
+    if sql.run(conn, (_ATTACHED, (name,))):
         return
-    cur.execute(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)')
-    cur.execute(
-        f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN (%s)', (str(run_id),)
+    sql.run(
+        conn,
+        (_ddl(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)'), ()),
+        (
+            _ddl(
+                f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN ($1)', ("uuid",)
+            ),
+            (str(run_id),),
+        ),
     )
 
 
@@ -41,18 +64,12 @@ def drop_partition(run_id: uuid.UUID) -> bool:
 
     name = partition_name(run_id)
     with autocommit() as conn:  # DETACH ... CONCURRENTLY runs outside a transaction
-        found = conn.execute(
-            text(
-                "SELECT i.inhdetachpending FROM pg_class c "
-                "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.oid = to_regclass(:n)"
-            ),
-            {"n": name},
-        ).first()
-        if found is None:
+        found = sql.run(conn, (_DETACH_STATE, (name,)))
+        if not found:
             return False
-        pending = found[0]
+        pending = found[0][0]
         if pending is not None:  # still attached (detach pending after an interruption)
             how = "FINALIZE" if pending else "CONCURRENTLY"
-            conn.exec_driver_sql(f'ALTER TABLE predictions DETACH PARTITION "{name}" {how}')
-        conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
+            sql.run(conn, (_ddl(f'ALTER TABLE predictions DETACH PARTITION "{name}" {how}'), ()))
+        sql.run(conn, (_ddl(f'DROP TABLE IF EXISTS "{name}"'), ()))
         return True

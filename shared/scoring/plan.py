@@ -13,15 +13,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from shared import sql
 from shared.models.features import FeatureTable, quote
 from shared.models.registry import get_version
 from shared.models.schema import check_value
-from shared.orm import Job, ScoringChunk, ScoringRun
+from shared.orm import Job, Prediction, ScoringChunk, ScoringRun
 from shared.scoring.partitions import ensure_partition
+from shared.sql import Statement
 
 __all__ = [
     "HIST_BINS",
@@ -135,11 +137,16 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
             raise LookupError(f"model {run.model!r} v{run.version} has no feature table")
         where, params = _where(run.segment)
         owned, owner = ft.owned_by(job.tenant)  # only the job's tenant's rows
-        cur = session.connection().connection.cursor()
+        conn = session.connection()
         key = quote(ft.key)
-        condition = cur.mogrify(f"WHERE {where} AND {owned}", {**params, **owner}).decode()
-        cur.execute(f"SELECT min({key}), max({key}), count(*) FROM {ft.sql_name} {condition}")
-        lo, hi, total = cur.fetchone()  # type: ignore[misc]
+        condition = sql.inline(conn, f"WHERE {where} AND {owned}", {**params, **owner})
+        extent = Statement(
+            "inferq_run_extent",
+            (),
+            f"SELECT min({key}), max({key}), count(*) FROM {ft.sql_name} {condition}",
+            prepare=False,
+        )
+        [(lo, hi, total)] = sql.run(conn, (extent, ()))
         n = max(1, math.ceil(total / chunk_size(total, chunk_rows))) if total else 0
         if n:
             bounds = np.linspace(lo, hi + 1, n + 1).astype(np.int64)
@@ -147,7 +154,7 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
                 ScoringChunk(run_id=run.id, chunk=i, lo=int(bounds[i]), hi=int(bounds[i + 1]) - 1)
                 for i in range(n)
             )
-        ensure_partition(cur, run.id)
+        ensure_partition(conn, run.id)
         run.chunks_total, run.rows_total = n, total
         job_row = session.get(Job, job.id)
         if job_row is not None:
@@ -199,14 +206,13 @@ def finalize(session: Session, run_id: uuid.UUID, *, public_url: str = "") -> di
 
 def latest_score(session: Session, entity_id: int) -> dict[str, Any] | None:
     """An entity's latest score: one index probe of (entity_id, scored_at DESC)."""
+    p = Prediction
     row = (
         session.execute(
-            text(
-                "SELECT run_id, model, version, score, label, predicted_class, scored_at "
-                "FROM predictions "
-                "WHERE entity_id = :e ORDER BY scored_at DESC LIMIT 1"
-            ),
-            {"e": entity_id},
+            select(p.run_id, p.model, p.version, p.score, p.label, p.predicted_class, p.scored_at)
+            .where(p.entity_id == entity_id)
+            .order_by(p.scored_at.desc())
+            .limit(1)
         )
         .mappings()
         .first()

@@ -15,16 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from datetime import timedelta
+from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import Row, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs.callbacks import CallbackRefusedError, check_url, pinned, signature
 from shared.jobs.fields import public_view
 from shared.logs import job_context
-from shared.orm import Job
+from shared.orm import CallbackDelivery, Job
 from workers.app import celery_app
 
 __all__ = ["callback", "due_deliveries", "MAX_ATTEMPTS"]
@@ -41,30 +44,29 @@ HTTP_TIMEOUT_S = 10
 # A new delivery (attempts 0) may be taken at once by the message sent when its job ended;
 # afterwards only when due. Under the row lock the second of two messages sees attempts
 # already counted and takes nothing.
-_TAKE = text(
-    f"""UPDATE callback_deliveries
-    SET attempts = attempts + 1, next_at = now() + interval '{LEASE_S} seconds'
-    WHERE job_id = :job AND delivered_at IS NULL AND gave_up_at IS NULL
-      AND (attempts = 0 OR next_at <= now())
-    RETURNING id, url, attempts"""
-)
-_DELIVERED = text(
-    "UPDATE callback_deliveries SET delivered_at = now(), last_status = :status, "
-    "last_error = NULL WHERE id = :id"
-)
-_GAVE_UP = text(
-    "UPDATE callback_deliveries SET gave_up_at = now(), last_status = :status, "
-    "last_error = :error WHERE id = :id"
-)
-_AGAIN = text(
-    "UPDATE callback_deliveries SET next_at = now() + make_interval(secs => :after), "
-    "last_status = :status, last_error = :error WHERE id = :id"
-)
-_DUE = text(
-    "SELECT job_id FROM callback_deliveries "
-    "WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_at <= now() "
-    "ORDER BY next_at LIMIT :limit"
-)
+_OWED = (CallbackDelivery.delivered_at.is_(None), CallbackDelivery.gave_up_at.is_(None))
+
+
+def _take(session: Session, job_id: str) -> Row[uuid.UUID, str, int] | None:
+    return session.execute(
+        update(CallbackDelivery)
+        .where(
+            CallbackDelivery.job_id == uuid.UUID(job_id),
+            *_OWED,
+            or_(CallbackDelivery.attempts == 0, CallbackDelivery.next_at <= func.now()),
+        )
+        .values(
+            attempts=CallbackDelivery.attempts + 1,
+            next_at=func.now() + timedelta(seconds=LEASE_S),
+        )
+        .returning(CallbackDelivery.id, CallbackDelivery.url, CallbackDelivery.attempts)
+    ).first()
+
+
+def _record(session: Session, delivery: str, **values: Any) -> None:
+    session.execute(
+        update(CallbackDelivery).where(CallbackDelivery.id == uuid.UUID(delivery)).values(**values)
+    )
 
 
 @celery_app.task(name="ops.callback", queue="ops", soft_time_limit=30, time_limit=40)
@@ -72,7 +74,7 @@ def callback(job_id: str) -> str:
     """One attempt at the job's delivery, if it is owed and nobody else holds it."""
     s = get_settings()
     with job_context(job_id), session_scope() as session:
-        taken = session.execute(_TAKE, {"job": job_id}).first()
+        taken = _take(session, job_id)
         if taken is None:
             return "nothing owed"
         job = session.get(Job, uuid.UUID(job_id))
@@ -81,22 +83,27 @@ def callback(job_id: str) -> str:
     delivery, url, attempt = str(taken.id), taken.url, int(taken.attempts)
     with job_context(job_id):
         status, error, retry = _post(url, view, delivery=delivery, job_id=job_id, attempt=attempt)
+        now = func.now()
         with session_scope() as session:
             if error is not None and not retry:
-                session.execute(_GAVE_UP, {"id": delivery, "status": status, "error": error})
+                _record(session, delivery, gave_up_at=now, last_status=status, last_error=error)
                 log.error("callback to %s given up: %s", url, error or status)
                 return "given up"
             if error is None:
-                session.execute(_DELIVERED, {"id": delivery, "status": status})
+                _record(session, delivery, delivered_at=now, last_status=status, last_error=None)
                 log.info("callback delivered to %s: %s", url, status)
                 return "delivered"
             if attempt >= MAX_ATTEMPTS:
-                session.execute(_GAVE_UP, {"id": delivery, "status": status, "error": error})
+                _record(session, delivery, gave_up_at=now, last_status=status, last_error=error)
                 log.error("callback to %s given up after %d attempts: %s", url, attempt, error)
                 return "given up"
             after = min(2 ** (attempt - 1), BACKOFF_MAX_S)
-            session.execute(
-                _AGAIN, {"id": delivery, "after": after, "status": status, "error": error}
+            _record(
+                session,
+                delivery,
+                next_at=now + timedelta(seconds=after),
+                last_status=status,
+                last_error=error,
             )
         log.warning("callback to %s failed (%s); again in %d s", url, error, after)
         # A message for when it is due (a little after, so the row is due by then); the
@@ -144,4 +151,10 @@ def due_deliveries(limit: int = 1000) -> list[str]:
     """Job ids of deliveries due now: new ones whose message was lost, retries whose
     backoff has passed, attempts whose worker died."""
     with session_scope() as session:
-        return [str(r.job_id) for r in session.execute(_DUE, {"limit": limit})]
+        due = session.scalars(
+            select(CallbackDelivery.job_id)
+            .where(*_OWED, CallbackDelivery.next_at <= func.now())
+            .order_by(CallbackDelivery.next_at)
+            .limit(limit)
+        )
+        return [str(job_id) for job_id in due]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, text, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,7 +18,7 @@ from shared.broker import enqueue
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.jobs.fields import JobStatus, JobType, Priority
-from shared.jobs.store import withdrawn_key
+from shared.jobs.store import durable, withdrawn_key
 from shared.models.registry import list_versions, production_versions
 from shared.orm import Job, ScoringChunk, ScoringRun
 from workers.app import celery_app
@@ -220,7 +220,7 @@ def schedule_nightly_run(model: str, night: date) -> uuid.UUID | None:
     with session_scope() as session:
         # Worker commits skip the WAL flush (shared.db.relax_commits); this one must not:
         # beat will not fire again for a night whose record a crash lost.
-        session.execute(text("SET LOCAL synchronous_commit TO ON"))
+        durable(session)
         version = production_versions(session).get(model)
         if version is None:
             log.error("nightly scoring of %s skipped: no production version", model)

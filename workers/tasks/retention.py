@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, exists, select
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.orm import Job, PredictionLog
+from shared.orm import Job, PredictionLog, ScoringRun
 from shared.scoring.partitions import drop_partition
 from workers.app import celery_app
 
@@ -32,15 +32,17 @@ def prune_scoring_runs(days: int | None = None) -> int:
     run of each model stays, whatever its age: it holds the current scores."""
     days = get_settings().scoring_run_retention_days if days is None else days
     with session_scope() as session:
+        latest = (
+            select(ScoringRun.id)
+            .join(Job, Job.id == ScoringRun.job_id)
+            .where(ScoringRun.status == "succeeded")
+            .order_by(ScoringRun.model, Job.tenant, ScoringRun.finished_at.desc())
+            .distinct(ScoringRun.model, Job.tenant)
+        )
         runs = session.execute(
-            text(
-                "SELECT r.id, r.job_id FROM scoring_runs r JOIN jobs j ON j.id = r.job_id "
-                "WHERE j.finished_at < :cutoff AND r.id NOT IN ("
-                "  SELECT DISTINCT ON (r.model, j.tenant) r.id FROM scoring_runs r "
-                "  JOIN jobs j ON j.id = r.job_id WHERE r.status = 'succeeded' "
-                "  ORDER BY r.model, j.tenant, r.finished_at DESC)"
-            ),
-            {"cutoff": _cutoff(days)},
+            select(ScoringRun.id, ScoringRun.job_id)
+            .join(Job, Job.id == ScoringRun.job_id)
+            .where(Job.finished_at < _cutoff(days), ScoringRun.id.not_in(latest))
         ).all()
     for run_id, job_id in runs:
         drop_partition(run_id)
@@ -59,14 +61,19 @@ def prune_jobs(days: int | None = None) -> int:
     total = 0
     while True:
         with session_scope() as session:
+            old = (
+                select(Job.id)
+                .where(
+                    Job.created_at < cutoff,
+                    Job.finished_at < cutoff,
+                    ~exists().where(ScoringRun.job_id == Job.id),
+                )
+                .limit(RETENTION_BATCH)
+            )
             n = session.execute(
-                text(
-                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs j "
-                    "WHERE created_at < :cutoff AND finished_at < :cutoff "
-                    "AND NOT EXISTS (SELECT 1 FROM scoring_runs r WHERE r.job_id = j.id) "
-                    "LIMIT :batch)"
-                ),
-                {"cutoff": cutoff, "batch": RETENTION_BATCH},
+                delete(Job)
+                .where(Job.id.in_(old.scalar_subquery()))
+                .execution_options(synchronize_session=False)
             ).rowcount  # type: ignore[attr-defined]
         total += n
         if n < RETENTION_BATCH:
