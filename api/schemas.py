@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
 from shared.jobs.fields import JobType, Priority
+from shared.models.catalog import CHURN_EXAMPLE_ROW
 
 __all__ = [
     "JobCreate",
@@ -38,17 +39,7 @@ Row = Annotated[
     ),
 ]
 #: The demo churn model's row, the example in /docs.
-EXAMPLE_ROW = {
-    "tenure_months": 12,
-    "monthly_spend": 99.0,
-    "support_tickets": 2,
-    "feature_usage_pct": 0.4,
-    "last_login_days_ago": 7,
-    "num_integrations": 3,
-    "contract_type": "annual",
-    "plan_tier": "growth",
-    "is_enterprise": 0,
-}
+EXAMPLE_ROW = CHURN_EXAMPLE_ROW
 
 
 # What a client sends to POST /v1/jobs.

@@ -65,6 +65,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.load_bench import random_row
 from shared.devstack.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -604,21 +605,6 @@ class Request:
     def answered(self) -> bool:
         """Its latest try has been answered (or has failed)."""
         return bool(self.attempts and self.attempts[-1].answered)
-
-
-def random_row(rng: random.Random) -> dict[str, Any]:
-    """A valid churn row (the demo model's input schema), different every call."""
-    return {
-        "tenure_months": rng.randint(1, 120),
-        "monthly_spend": round(rng.uniform(5.0, 2_000.0), 2),
-        "support_tickets": rng.randint(0, 20),
-        "feature_usage_pct": round(rng.random(), 4),
-        "last_login_days_ago": rng.randint(0, 365),
-        "num_integrations": rng.randint(0, 30),
-        "contract_type": rng.choice(("monthly", "annual", "multi-year")),
-        "plan_tier": rng.choice(("starter", "growth", "enterprise")),
-        "is_enterprise": rng.randint(0, 1),
-    }
 
 
 class Load:

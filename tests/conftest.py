@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from shared.models.catalog import CHURN_EXAMPLE_ROW
+
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "iq_test_admin_" + uuid.uuid4().hex
 #: Enough labelled customers that training takes a couple of seconds (the SIGKILL test
@@ -254,17 +256,7 @@ def admin(stack: Stack) -> Iterator[httpx.Client]:
         yield c
 
 
-ROW = {
-    "tenure_months": 12,
-    "monthly_spend": 99.0,
-    "support_tickets": 2,
-    "feature_usage_pct": 0.4,
-    "last_login_days_ago": 7,
-    "num_integrations": 3,
-    "contract_type": "annual",
-    "plan_tier": "growth",
-    "is_enterprise": 0,
-}
+ROW = CHURN_EXAMPLE_ROW
 
 
 def tenant_of(client: httpx.Client) -> str:

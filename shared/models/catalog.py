@@ -23,7 +23,16 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-__all__ = ["ModelSpec", "SPECS", "CHURN_SCHEMA", "KINDS", "build_pipeline", "evaluate", "split"]
+__all__ = [
+    "ModelSpec",
+    "SPECS",
+    "CHURN_SCHEMA",
+    "CHURN_EXAMPLE_ROW",
+    "KINDS",
+    "build_pipeline",
+    "evaluate",
+    "split",
+]
 
 KINDS = ("classifier", "regressor", "anomaly")
 
@@ -44,6 +53,19 @@ CHURN_SCHEMA: dict[str, Any] = {
         {"name": "plan_tier", "type": "str", "categories": ["starter", "growth", "enterprise"]},
         {"name": "is_enterprise", "type": "int", "min": 0, "max": 1},
     ],
+}
+
+#: One valid churn row: the example of /docs, the README and the tests.
+CHURN_EXAMPLE_ROW: dict[str, Any] = {
+    "tenure_months": 12,
+    "monthly_spend": 99.0,
+    "support_tickets": 2,
+    "feature_usage_pct": 0.4,
+    "last_login_days_ago": 7,
+    "num_integrations": 3,
+    "contract_type": "annual",
+    "plan_tier": "growth",
+    "is_enterprise": 0,
 }
 
 DEMAND_SCHEMA: dict[str, Any] = {
