@@ -112,3 +112,16 @@ def test_a_queued_job_is_shown_the_same_way_by_the_hot_copy_and_the_ledger() -> 
     doc = hot_copy(row)
     assert read_done_message(done_message(row.id, doc).encode()) == (str(row.id), doc.encode())
     assert read_done_message(done_message(row.id, "x" * 20_000).encode()) == (str(row.id), None)
+
+
+def test_every_task_the_broker_names_or_beat_schedules_is_registered_by_the_workers() -> None:
+    from shared.broker import CALLBACK_TASK, TASK_FOR_TYPE
+    from shared.config import get_settings
+    from workers.app import celery_app
+    from workers.beat import schedule
+
+    celery_app.loader.import_default_modules()
+    registered = set(celery_app.tasks)
+    named = {name for name, _ in TASK_FOR_TYPE.values()} | {CALLBACK_TASK[0]}
+    scheduled = {entry["task"] for entry in schedule(get_settings()).values()}
+    assert named | scheduled <= registered, sorted((named | scheduled) - registered)

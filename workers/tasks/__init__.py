@@ -1,4 +1,4 @@
 """Task modules; importing this package registers every task with the Celery app."""
 
 from workers import process  # noqa: F401  (per-process hooks)
-from workers.tasks import callbacks, maintenance, predict, score, train  # noqa: F401
+from workers.tasks import callbacks, maintenance, predict, retention, score, train  # noqa: F401
