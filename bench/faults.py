@@ -124,9 +124,11 @@ def free_port() -> int:
 
 
 def ps_table() -> list[tuple[int, int, str]]:
-    """(pid, ppid, command line) of every process, from ``ps -eo pid,ppid,args``."""
+    """(pid, ppid, command line) of every process, from ``ps -ww -eo pid,ppid,args``
+    (``-ww``: whole command lines; without it ps cuts them at the terminal's width, or at 80
+    columns when it has none, which lost a worker's ``-Q predict`` from a longer path)."""
     out = subprocess.run(
-        [PS, "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+        [PS, "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
     ).stdout
     rows = []
     for line in out.splitlines():
