@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import redis_async, redis_sync
 from api.fastpath import BodyTooLargeError, FastPath
-from api.routes import jobs, models, ops
+from api.routes import jobs, models, monitoring, ops
 from api.submitter import (
     BrokerUnavailableError,
     DatabaseUnavailableError,
@@ -264,6 +264,7 @@ def create_api() -> FastAPI:
     )
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(monitoring.router)
     app.include_router(ops.router)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     down: dict[str, tuple[type[Exception], ...]] = {

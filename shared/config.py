@@ -177,6 +177,20 @@ class Settings(BaseSettings):
         description="Score runs (and their predictions) that ended longer ago than this are "
         "dropped; each model's latest succeeded run is kept.",
     )
+    drift_every_s: float = Field(600.0, gt=0, description="ops.drift period (beat).")
+    drift_window_s: float = Field(
+        3600.0, gt=0, description="Online drift compares the prediction logs of this window."
+    )
+    drift_psi_threshold: float = Field(0.2, gt=0, description="PSI at which a feature drifts.")
+    drift_p_value: float = Field(
+        0.01, gt=0, lt=1, description="Test p-value below which a feature drifts (Bonferroni)."
+    )
+    drift_min_rows: int = Field(
+        200, ge=1, description="A drift window with fewer rows flags nothing."
+    )
+    drift_max_rows: int = Field(
+        50_000, ge=100, description="Rows a drift window reads at most (the newest, sampled)."
+    )
     nightly_score_cron: str = Field("0 2 * * *", description="Nightly churn scoring, UTC.")
     nightly_tenant: str = Field("default", description="Tenant that owns scheduled runs.")
     nightly_catch_up: bool = Field(

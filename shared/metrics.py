@@ -7,9 +7,13 @@ request histogram into Prometheus text. No per-process exporter, no multiprocess
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client.core import (
@@ -27,16 +31,29 @@ from shared.jobs.fields import JobStatus, JobType
 
 log = logging.getLogger(__name__)
 
-__all__ = ["record_ended", "count", "StatsCollector", "RUNTIME_BUCKETS", "SCORE_BUCKETS"]
+__all__ = [
+    "record_ended",
+    "count",
+    "StatsCollector",
+    "RUNTIME_BUCKETS",
+    "SCORE_BUCKETS",
+    "drift_key",
+    "drift_metrics",
+]
 
 RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-_SEP = "|"
+SEP = _SEP = "|"
 JOB_LABELS = ["type", "status", "model"]
 
 
 def _stats_key() -> str:
     return get_settings().key("stats")
+
+
+def drift_key() -> str:
+    """The hash of the latest drift figures (``shared.monitoring.reports.publish``)."""
+    return get_settings().key("drift")
 
 
 def count(pipe: Any, name: str, *labels: object, by: float = 1) -> None:
@@ -214,3 +231,81 @@ class StatsCollector(Collector):
             pending.add_metric([priority], next(lengths))
         yield depth
         yield pending
+        yield from self._backlog_age()
+        yield from self._workers()
+        yield from drift_metrics(self._redis)
+
+    def _backlog_age(self) -> Iterator[Metric]:
+        """The age of the oldest pending predict job of each priority: the head of its
+        pending list, dated by its hot copy."""
+        age = GaugeMetricFamily(
+            "inferq_pending_oldest_seconds",
+            "Seconds since the oldest pending predict job was created, by priority (0: none).",
+            labels=["priority"],
+        )
+        pipe = self._redis.pipeline(transaction=False)
+        for key in self._pending.values():
+            pipe.lindex(key, 0)
+        heads = {
+            priority: head.decode() if isinstance(head, bytes) else head
+            for priority, head in zip(self._pending, pipe.execute(), strict=True)
+            if head
+        }
+        s = get_settings()
+        docs = self._redis.mget([s.key("job", h) for h in heads.values()]) if heads else []
+        created = {}
+        for priority, doc in zip(heads, docs, strict=True):
+            if doc is None:  # its hot copy expired: the job's age is unknown
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                created[priority] = datetime.fromisoformat(json.loads(doc)["view"]["created_at"])
+        now = time.time()
+        for priority in self._pending:
+            at = created.get(priority)
+            age.add_metric([priority], max(0.0, now - at.timestamp()) if at else 0.0)
+        yield age
+
+    def _workers(self) -> Iterator[Metric]:
+        """Worker processes whose heartbeat is current, by state (``loading``, ``ready``)."""
+        names = list(self._redis.scan_iter(get_settings().key("worker", "*"), count=1000))
+        states: dict[str, int] = {"loading": 0, "ready": 0}
+        for value in self._redis.mget(names) if names else []:
+            state = value.decode() if isinstance(value, bytes) else str(value)
+            states[state] = states.get(state, 0) + 1
+        gauge = GaugeMetricFamily(
+            "inferq_worker_processes",
+            "Worker processes with a current heartbeat, by state.",
+            labels=["state"],
+        )
+        for state, n in states.items():
+            gauge.add_metric([state], n)
+        yield gauge
+
+
+def drift_metrics(redis: Redis) -> Iterator[Metric]:
+    """``inferq_feature_drift``, ``inferq_prediction_drift``, ``inferq_drift_rows``."""
+    feature = GaugeMetricFamily(
+        "inferq_feature_drift",
+        "Latest drift of a feature against the version's reference: psi, ks or chi2.",
+        labels=["model", "version", "feature", "statistic"],
+    )
+    prediction = GaugeMetricFamily(
+        "inferq_prediction_drift",
+        "Latest drift of the score distribution against the version's reference: psi, ks.",
+        labels=["model", "version", "statistic"],
+    )
+    rows = GaugeMetricFamily(
+        "inferq_drift_rows", "Rows in the latest drift window.", labels=["model", "version"]
+    )
+    for k, v in redis.hgetall(drift_key()).items():
+        parts: Sequence[str] = (k.decode() if isinstance(k, bytes) else k).split(_SEP)
+        value = float(v)
+        if len(parts) == 3 and parts[2] == "rows":
+            rows.add_metric(list(parts[:2]), value)
+        elif len(parts) == 5 and parts[2] == "feature":
+            feature.add_metric([parts[0], parts[1], parts[3], parts[4]], value)
+        elif len(parts) == 4 and parts[2] == "prediction":
+            prediction.add_metric([parts[0], parts[1], parts[3]], value)
+    yield feature
+    yield prediction
+    yield rows

@@ -40,6 +40,7 @@ __all__ = [
     "PredictionLog",
     "ScoringRun",
     "ScoringChunk",
+    "DriftReport",
 ]
 
 NAMING = {
@@ -209,6 +210,9 @@ class ModelVersion(Base):
     #: Where the artifact came from: a file name, an MLflow URI and version, a training run.
     source: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
     training_window: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    #: What the version saw in training or at registration: per feature quantile bins or
+    #: category frequencies, and its scores (``shared.monitoring.profile``).
+    reference_profile: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
     stage: Mapped[str] = mapped_column(String(16), default="staging")
     created_at: Mapped[datetime] = _now()
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -328,4 +332,31 @@ class PredictionLog(Base):
     score: Mapped[float] = mapped_column(Double)
     label: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     predicted_class: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = _now()
+
+
+class DriftReport(Base):
+    """One comparison of a version's live inputs and scores with its reference profile:
+    an online window of prediction logs, or a score run (``run_id``)."""
+
+    __tablename__ = "drift_reports"
+    __table_args__ = (Index("ix_drift_reports_latest", "model", "version", "source", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    #: ``online`` (prediction logs of a time window) or ``score`` (one score run).
+    source: Mapped[str] = mapped_column(String(16))
+    run_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    rows_reference: Mapped[int] = mapped_column(Integer)
+    rows_window: Mapped[int] = mapped_column(Integer)
+    #: False when the window had too few rows to judge: nothing is flagged then.
+    enough_rows: Mapped[bool] = mapped_column(Boolean)
+    drifted: Mapped[bool] = mapped_column(Boolean)
+    #: Per feature: statistic, value, p-value, drifted.
+    features: Mapped[list[Any]] = mapped_column(JSONB)
+    #: The score distribution's statistics, the thresholds and the corrected p-value.
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()

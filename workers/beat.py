@@ -65,6 +65,12 @@ def schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "schedule": s.mlflow_poll_s,
             "options": {"queue": "ops", "expires": s.mlflow_poll_s},
         },
+        # Each production version's online traffic against its reference profile.
+        "drift": {
+            "task": "ops.drift",
+            "schedule": s.drift_every_s,
+            "options": {"queue": "ops", "expires": s.drift_every_s},
+        },
         # Jobs, score runs (their partitions dropped whole) and prediction logs past
         # their retention; hourly, so each pass is small.
         "retention": {

@@ -279,6 +279,7 @@ from shared.devstack import cli_admin, cli_client  # noqa: E402
 
 main.add_command(cli_admin.models)
 main.add_command(cli_admin.keys)
+main.add_command(cli_admin.drift)
 main.add_command(cli_client.submit)
 
 if __name__ == "__main__":

@@ -224,3 +224,51 @@ def keys_create(tenant: str, scopes: str, name: str, rate: float | None) -> None
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
     click.echo(value)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--version", type=int, default=None, help="Default: the production version.")
+@click.option("--window", type=float, default=None, help="Seconds (default INFERQ_DRIFT_WINDOW_S).")
+@JSON_OPTION
+def drift(model: str, version: int | None, window: float | None, as_json: bool) -> None:
+    """Compute a drift report of MODEL's online traffic now, store it and print it."""
+    from datetime import UTC, datetime, timedelta
+
+    from shared.db import session_scope
+    from shared.models.registry import get_version, production_versions
+    from shared.monitoring.reports import NoReferenceError, as_dict, online_report
+
+    with session_scope() as session:
+        number = version or production_versions(session).get(model)
+        mv = get_version(session, model, number) if number else None
+        if mv is None:
+            what = f"version {version}" if version else "a production version"
+            raise click.ClickException(f"model {model!r} has no {what}")
+        since = datetime.now(UTC) - timedelta(seconds=window) if window else None
+        try:
+            report = as_dict(online_report(session, mv, since=since))
+        except NoReferenceError as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(
+        f"{model} v{report['version']}: {report['rows_window']} rows in the window "
+        f"({report['window']['start']} to {report['window']['end']}), "
+        f"{report['rows_reference']} in the reference"
+    )
+    if not report["enough_rows"]:
+        click.echo("too few rows to judge (INFERQ_DRIFT_MIN_ROWS): nothing is flagged")
+    click.echo(f"{'feature':<24} {'test':<5} {'value':>9} {'p-value':>10} {'PSI':>7}  drifted")
+    entries = [
+        *report["features"],
+        *([{"feature": "(score)", **report["score"]}] if report["score"] else []),
+    ]
+    for f in entries:
+        value = "-" if f.get("value") is None else f"{f['value']:.4f}"
+        p = "-" if f.get("p_value") is None else f"{f['p_value']:.2e}"
+        psi = "-" if f.get("psi") is None else f"{f['psi']:.3f}"
+        flag = "YES" if f.get("drifted") else ""
+        click.echo(f"{f['feature']:<24} {f['statistic']:<5} {value:>9} {p:>10} {psi:>7}  {flag}")
+    click.echo("drift: " + ("YES" if report["drifted"] else "none"))

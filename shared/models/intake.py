@@ -15,18 +15,22 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sqlalchemy.orm import Session
 
+from shared import sql
 from shared.models import formats, registry
-from shared.models.features import check_table
+from shared.models.features import FeatureTable, check_table, quote
 from shared.models.registry import LoadedModel
 from shared.models.schema import SchemaError, validate_rows
 from shared.models.schema_infer import infer
+from shared.monitoring.profile import REFERENCE_ROWS, build_profile, columns_of
 from shared.orm import ModelVersion
+from shared.sql import Statement
 
 __all__ = ["IntakeError", "Submission", "register_artifact", "sample_frame", "KINDS", "NAME"]
 
@@ -149,9 +153,11 @@ def _synthetic_rows(schema: dict[str, Any], n: int = 8) -> list[dict[str, Any]]:
     return rows
 
 
-def _sample_rows(sample: pd.DataFrame, schema: dict[str, Any]) -> list[dict[str, Any]]:
+def _sample_rows(
+    sample: pd.DataFrame, schema: dict[str, Any], limit: int = TRIAL_ROWS
+) -> list[dict[str, Any]]:
     names = [f["name"] for f in schema["features"]]
-    part = sample[names].head(TRIAL_ROWS)
+    part = sample[names].head(limit)
     rows = []
     for rec in part.to_dict("records"):
         rows.append({k: _plain(v) for k, v in rec.items()})
@@ -166,6 +172,8 @@ def _sample_rows(sample: pd.DataFrame, schema: dict[str, Any]) -> list[dict[str,
 def _plain(value: Any) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, Decimal):  # a numeric column read back from a feature table
+        return float(value)
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -184,6 +192,39 @@ def _trial(model: LoadedModel, rows: list[dict[str, Any]], from_sample: bool) ->
         raise IntakeError("artifact", "the model does not give one prediction per row")
     if not np.all(np.isfinite(out.scores)):
         raise IntakeError("artifact", "the model gave NaN or infinite scores on the trial rows")
+
+
+def _reference(
+    session: Session, model: LoadedModel, sample: pd.DataFrame | None
+) -> dict[str, Any] | None:
+    """The version's reference profile: from the sample given (the user's own training
+    data), else from rows of its feature table; None when neither is there (drift is then
+    not reported for it)."""
+    schema = model.schema
+    names = [f["name"] for f in schema["features"]]
+    if sample is not None:
+        rows = _sample_rows(sample, schema, REFERENCE_ROWS)
+        source = f"registration: the sample ({len(rows)} rows)"
+    elif schema.get("feature_table"):
+        ft = FeatureTable.of(schema)
+        assert ft is not None
+        pick = Statement(
+            "inferq_reference_rows",
+            ("bigint",),
+            f"SELECT {', '.join(quote(n) for n in names)} FROM {ft.sql_name} "
+            "ORDER BY random() LIMIT $1",
+            prepare=False,
+        )
+        found = sql.run(session.connection(), (pick, (REFERENCE_ROWS,)))
+        rows = [dict(zip(names, map(_plain, r), strict=True)) for r in found]
+        rows = [r for r in rows if not validate_rows([r], schema)]
+        source = f"registration: {len(rows)} rows of {schema['feature_table']}"
+    else:
+        return None
+    if not rows:
+        return None
+    scores = model.predict_rows(rows).scores
+    return build_profile(schema, columns_of(rows, names), scores, source=source)
 
 
 def register_artifact(session: Session, sub: Submission) -> ModelVersion:
@@ -238,6 +279,7 @@ def register_artifact(session: Session, sub: Submission) -> ModelVersion:
         _trial(model, _sample_rows(sub.sample, schema), True)
     else:
         _trial(model, _synthetic_rows(schema), False)
+    reference = _reference(session, model, sub.sample)
     source = dict(sub.source or {})
     if sub.filename and "file" not in source:
         source["file"] = sub.filename
@@ -252,4 +294,5 @@ def register_artifact(session: Session, sub: Submission) -> ModelVersion:
         classes=classes,
         trusted=trusted,
         source=source or None,
+        reference_profile=reference,
     )

@@ -128,6 +128,7 @@ def register(
     trusted: list[str] | None = None,
     source: dict[str, Any] | None = None,
     training_window: dict[str, Any] | None = None,
+    reference_profile: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Store ``data`` as the next version of ``name`` (stage ``staging``)."""
     # One writer per model name at a time, so version numbers never collide.
@@ -147,6 +148,7 @@ def register(
         trusted_types=trusted or [],
         source=source,
         training_window=training_window,
+        reference_profile=reference_profile,
         stage="staging",
     )
     session.add(mv)

@@ -13,6 +13,7 @@ from shared import sql
 from shared.models import registry
 from shared.models.catalog import SPECS, ModelSpec, build_pipeline, evaluate, split
 from shared.models.encoding import encode_rows
+from shared.monitoring.profile import REFERENCE_ROWS, build_profile, columns_from_codes
 from shared.sql import Statement
 
 __all__ = ["train", "PROMOTE_POLICIES", "NotEnoughDataError"]
@@ -58,6 +59,23 @@ def _table_data(
     return X, y, window
 
 
+def _reference(spec: ModelSpec, pipeline: Any, X: np.ndarray) -> dict[str, Any]:
+    """The reference profile of the held-out rows and the fitted pipeline's scores on them."""
+    classes = getattr(pipeline, "classes_", None)
+    model = registry.LoadedModel(
+        spec.name,
+        0,
+        spec.kind,
+        spec.schema,
+        spec.threshold,
+        pipeline,
+        [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else None,
+    )
+    scores = model.predict(X).scores
+    columns = columns_from_codes(spec.schema, X)
+    return build_profile(spec.schema, columns, scores, source="training: held-out rows")
+
+
 def train(
     session: Session, name: str, *, promote: str = "if_better", max_rows: int = 200_000
 ) -> dict[str, Any]:
@@ -75,6 +93,7 @@ def train(
     pipeline = build_pipeline(spec.schema, spec.estimator())
     pipeline.fit(X_train, y_train)
     metrics = evaluate(spec.kind, pipeline, X_val, y_val)
+    reference = _reference(spec, pipeline, X_val[:REFERENCE_ROWS])
     mv = registry.register_estimator(
         session,
         estimator=pipeline,
@@ -85,6 +104,7 @@ def train(
         threshold=spec.threshold,
         source={"trained_by": "inferq"},
         training_window=window,
+        reference_profile=reference,
     )
     current = registry.production_versions(session).get(name)
     promoted = False

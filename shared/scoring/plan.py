@@ -201,6 +201,9 @@ def finalize(session: Session, run_id: uuid.UUID, *, public_url: str = "") -> di
             "csv": f"{public_url}/v1/jobs/{run.job_id}/result.csv",
         },
         "histogram": {"edges": edges, "counts": counts} if any(counts) else None,
+        # Written when the run closes (see workers.tasks.score.close_run).
+        "drift": f"{public_url}/v1/models/{run.model}/drift?version={run.version}"
+        f"&window={run.job_id}",
     }
 
 

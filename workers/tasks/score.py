@@ -18,6 +18,7 @@ from shared.jobs.fields import JobStatus
 from shared.logs import job_context
 from shared.models.formats import ArtifactError
 from shared.models.registry import ArtifactIntegrityError
+from shared.monitoring.reports import NoReferenceError, publish, run_report
 from shared.orm import ScoringChunk, ScoringRun
 from shared.scoring.chunk import ChunkOutcome, score_chunk
 from shared.scoring.plan import finalize, plan
@@ -52,6 +53,21 @@ def close_run(run_id: uuid.UUID) -> None:
     jobstore.mirror(redis_client(), ended)
     if ended:
         log.info("scoring run %s finished: %s rows", run_id, result and result["rows_scored"])
+        report_drift(run_id)
+
+
+def report_drift(run_id: uuid.UUID) -> None:
+    """The run's drift report, after its job has ended (never delaying it, never failing
+    it: a version without a reference profile has none)."""
+    try:
+        with session_scope() as session:
+            report = run_report(session, run_id)
+        publish(redis_client(), report)
+        log.info("drift report of run %s: drifted=%s", run_id, report.drifted)
+    except NoReferenceError as exc:
+        log.info("no drift report for run %s: %s", run_id, exc)
+    except Exception:
+        log.exception("drift report of run %s failed", run_id)
 
 
 def _fail(job_id: uuid.UUID, code: str, message: str) -> None:

@@ -1,0 +1,213 @@
+"""Drift against real servers: traffic drawn like the training data flags nothing; a
+shifted feature flags exactly that feature, online and in a score run; the figures reach
+/metrics."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+from sqlalchemy import text
+
+from shared.db import session_scope
+from shared.devstack.demo import generate_customers
+from shared.models.catalog import CHURN_SCHEMA
+from shared.models.registry import get_version, production_versions
+from shared.monitoring.reports import as_dict, online_report
+from shared.orm import ModelArtifact
+from tests.conftest import Stack, submit, wait_done
+
+NAMES = [f["name"] for f in CHURN_SCHEMA["features"]]
+
+
+def rows_like_training(n: int, seed: int, **change: Any) -> list[dict[str, Any]]:
+    """Rows drawn as the demo's customers are (ids far from the table's), with ``change``
+    applied: a value, or a function of the column."""
+    drawn = generate_customers(5_000_000 + seed * 100_000, n, seed=seed)
+    frame = pd.DataFrame({name: drawn[name] for name in NAMES})
+    for name, how in change.items():
+        frame[name] = how(frame[name]) if callable(how) else how
+    return [
+        {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+        for r in frame.to_dict("records")
+    ]
+
+
+def churn_version() -> int:
+    with session_scope() as session:
+        return production_versions(session)["churn"]
+
+
+def predict(client: httpx.Client, version: int, rows: list[dict[str, Any]]) -> None:
+    ids = []
+    for i in range(0, len(rows), 250):
+        r = submit(client, version=version, inputs=rows[i : i + 250])
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    for job_id in ids:
+        assert wait_done(client, job_id)["status"] == "succeeded"
+
+
+def online(version: int, since: datetime) -> dict[str, Any]:
+    with session_scope() as session:
+        mv = get_version(session, "churn", version)
+        assert mv is not None and mv.reference_profile, "trained versions carry a profile"
+        return as_dict(online_report(session, mv, since=since))
+
+
+def drifted(report: dict[str, Any]) -> set[str]:
+    return {f["feature"] for f in report["features"] if f["drifted"]}
+
+
+def test_online_traffic_like_the_training_data_flags_nothing_and_a_shift_flags_its_feature(
+    stack: Stack, client: httpx.Client
+) -> None:
+    version = churn_version()
+
+    t0 = datetime.now(UTC)
+    predict(client, version, rows_like_training(600, seed=1))
+    same = online(version, t0)
+    assert same["rows_window"] == 600 and same["enough_rows"]
+    assert drifted(same) == set(), same["features"]
+    assert not same["drifted"]
+    by_name = {f["feature"]: f for f in same["features"]}
+    assert by_name["monthly_spend"]["statistic"] == "ks"
+    assert by_name["contract_type"]["statistic"] == "chi2"
+    assert 0 <= by_name["monthly_spend"]["p_value"] <= 1
+
+    t1 = datetime.now(UTC)
+    predict(client, version, rows_like_training(600, seed=2, monthly_spend=lambda s: s * 5))
+    spend = online(version, t1)
+    assert drifted(spend) == {"monthly_spend"}, spend["features"]
+    assert spend["drifted"]
+
+    t2 = datetime.now(UTC)
+    predict(client, version, rows_like_training(600, seed=3, contract_type="monthly"))
+    contract = online(version, t2)
+    assert drifted(contract) == {"contract_type"}, contract["features"]
+
+    # Too few rows to judge: reported, nothing flagged, however shifted.
+    t3 = datetime.now(UTC)
+    predict(client, version, rows_like_training(50, seed=4, monthly_spend=lambda s: s * 5))
+    few = online(version, t3)
+    assert few["rows_window"] == 50 and not few["enough_rows"] and drifted(few) == set()
+
+    # The API shows the latest online report; bad requests name what is wrong.
+    r = client.get("/v1/models/churn/drift", params={"version": version})
+    assert r.status_code == 200, r.text
+    assert r.json()["rows_window"] == 50 and r.json()["source"] == "online"
+    assert client.get("/v1/models/nope/drift").status_code == 404
+    r = client.get("/v1/models/churn/drift", params={"version": 9999})
+    assert r.status_code == 404 and "9999" in r.json()["detail"]
+    r = client.get("/v1/models/churn/drift", params={"window": "yesterday"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "window"]
+    r = client.get("/v1/models/churn/drift", params={"window": str(uuid.uuid4())})
+    assert r.status_code == 404
+
+
+def test_ops_drift_publishes_the_figures_to_metrics(stack: Stack, client: httpx.Client) -> None:
+    from workers.app import celery_app
+
+    version = churn_version()
+    predict(client, version, rows_like_training(300, seed=5))
+    celery_app.send_task("ops.drift", queue="ops")
+    labels = f'model="churn",statistic="psi",version="{version}"'
+    series = f'inferq_feature_drift{{feature="monthly_spend",{labels}}}'
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = httpx.get(stack.api_url + "/metrics", timeout=10).text
+        if series in metrics or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert series in metrics
+    assert (
+        f'inferq_feature_drift{{feature="contract_type",model="churn",statistic="chi2",version="{version}"}}'
+        in metrics
+    )
+    assert f'inferq_prediction_drift{{model="churn",statistic="ks",version="{version}"}}' in metrics
+    rows = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(f'inferq_drift_rows{{model="churn",version="{version}"}}')
+    ]
+    assert rows and float(rows[0].split()[-1]) >= 300
+
+
+def test_a_score_run_over_a_shifted_table_flags_that_feature(
+    stack: Stack, owner: httpx.Client
+) -> None:
+    from shared.models import registry
+    from shared.models.intake import Submission, register_artifact
+
+    table = "drift_" + uuid.uuid4().hex[:8]
+    with session_scope() as session:
+        session.execute(
+            text(
+                f"CREATE TABLE {table} AS SELECT * FROM customers WHERE id <= 20000"  # noqa: S608
+            )
+        )
+        session.execute(text(f"ALTER TABLE {table} ADD PRIMARY KEY (id)"))
+        session.execute(text(f"UPDATE {table} SET monthly_spend = monthly_spend * 5"))
+        prod = get_version(session, "churn", production_versions(session)["churn"])
+        assert prod is not None
+        artifact = session.get(ModelArtifact, prod.sha256)
+        assert artifact is not None
+        sample = pd.DataFrame(rows_like_training(1000, seed=6))
+        declared = {
+            k: v
+            for k, v in CHURN_SCHEMA.items()
+            if k not in ("feature_table", "key", "tenant_column")
+        }
+        mv = register_artifact(
+            session,
+            Submission(
+                name="churn-moved",
+                data=artifact.data,
+                fmt="skops",
+                kind="classifier",
+                schema=declared,
+                sample=sample,
+                feature_table=table,
+                key="id",
+                tenant_column="tenant",
+                trusted=list(prod.trusted_types),
+            ),
+        )
+        assert mv.reference_profile and mv.reference_profile["rows"] == 1000
+        registry.promote(session, name="churn-moved", version=mv.version)
+        name, version = mv.name, mv.version
+
+    r = submit(owner, type="score", model=name)
+    assert r.status_code == 202, r.text
+    job = wait_done(owner, r.json()["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    link = job["result"]["drift"]
+    assert link.endswith(f"/v1/models/{name}/drift?version={version}&window={job['id']}")
+    path = link.split("/v1/", 1)[1]
+    deadline = time.monotonic() + 20
+    while (r := owner.get("/v1/" + path)).status_code == 404 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["source"] == "score" and report["run_id"] == job["id"]
+    assert report["rows_window"] > 10_000 and report["enough_rows"]
+    assert drifted(report) == {"monthly_spend"}, report["features"]
+    assert report["score"] is not None
+
+    # The same model over its reference's own population flags nothing.
+    with session_scope() as session:
+        session.execute(text(f"UPDATE {table} SET monthly_spend = monthly_spend / 5"))
+    r = submit(owner, type="score", model=name)
+    job = wait_done(owner, r.json()["id"], timeout=120)
+    deadline = time.monotonic() + 20
+    path = job["result"]["drift"].split("/v1/", 1)[1]
+    while (r := owner.get("/v1/" + path)).status_code == 404 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    assert drifted(r.json()) == set(), r.json()["features"]
+    assert np.isfinite(r.json()["score"]["psi"])
