@@ -123,7 +123,7 @@ _WITHDRAW = Statement(
     prepare=False,
 )
 _PRESENT = Statement(
-    "inferq_present", ("uuid[]",), "SELECT id FROM jobs WHERE id = ANY($1)", prepare=False
+    "inferq_present", ("uuid[]",), "SELECT id, status FROM jobs WHERE id = ANY($1)", prepare=False
 )
 
 _Waiting = tuple[JobRow, "asyncio.Future[None]"]
@@ -291,29 +291,43 @@ class GroupCommitter:
         the mark makes the sweeper delete such a late job instead of sending it."""
         ids = [str(j.id) for j in jobs]
         marked = await self._mark(jobs)
+        taken: set[uuid.UUID] = set()
+        left = ids
         for attempt in range(WITHDRAW_TRIES):
             if attempt:
                 await asyncio.sleep(WITHDRAW_PAUSE_S)
             try:
                 conn = await self._connection()
-                await conn.run(_WITHDRAW, ids)
-                taken = {uuid.UUID(str(r[0])) for r in await conn.run(_PRESENT, ids)}
+                await conn.run(_WITHDRAW, left)
+                present = {uuid.UUID(str(i)): st for i, st in await conn.run(_PRESENT, left)}
             except Exception as exc:
                 log.warning("withdrawal after a lost answer failed (try %d): %r", attempt + 1, exc)
                 continue
             if not conn.closed:
                 self._idle.append(conn)
-            if taken:  # recorded, and a worker has them: accepted after all, unmarked
-                with contextlib.suppress(Exception):
-                    await redis_async().delete(*(withdrawn_key(i) for i in taken))
-                for j in jobs:
-                    if j.id in taken:
-                        waiter.accepted(str(j.id), j.tenant)
+            # Recorded, and a worker has them: accepted after all. Still queued: the INSERT
+            # committed after the DELETE looked (its answer was lost before the commit),
+            # so it is deleted on the next try.
+            taken |= {i for i, st in present.items() if st != "queued"}
+            left = [str(i) for i, st in present.items() if st == "queued"]
+            if not left:
+                break
+        if taken:  # unmarked: they run
+            with contextlib.suppress(Exception):
+                await redis_async().delete(*(withdrawn_key(i) for i in taken))
+            for j in jobs:
+                if j.id in taken:
+                    waiter.accepted(str(j.id), j.tenant)
+        if not left:
             return {j.id: error for j in jobs if j.id not in taken}
         if not marked:
-            return {j.id: OutcomeUnknownError(j.id, j.idempotency_key) for j in jobs}
-        log.warning("marked %d jobs withdrawn until Postgres answers", len(jobs))
-        return {j.id: error for j in jobs}
+            return {
+                j.id: OutcomeUnknownError(j.id, j.idempotency_key)
+                for j in jobs
+                if j.id not in taken
+            }
+        log.warning("marked %d jobs withdrawn until Postgres answers", len(jobs) - len(taken))
+        return {j.id: error for j in jobs if j.id not in taken}
 
     async def _mark(self, jobs: list[JobRow]) -> bool:
         """Withdrawal marks for ``jobs`` in Redis; False if Redis could not take them."""
