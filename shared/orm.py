@@ -41,6 +41,8 @@ __all__ = [
     "ScoringRun",
     "ScoringChunk",
     "DriftReport",
+    "ModelShadow",
+    "ShadowPrediction",
 ]
 
 NAMING = {
@@ -359,4 +361,33 @@ class DriftReport(Base):
     features: Mapped[list[Any]] = mapped_column(JSONB)
     #: The score distribution's statistics, the thresholds and the corrected p-value.
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+
+class ModelShadow(Base):
+    """A staging version scoring a sample of its model's production predict traffic."""
+
+    __tablename__ = "model_shadows"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    sample_rate: Mapped[float] = mapped_column(Double)
+    started_at: Mapped[datetime] = _now()
+
+
+class ShadowPrediction(Base):
+    """One row a shadow version predicted beside production; never shown to clients."""
+
+    __tablename__ = "shadow_predictions"
+    __table_args__ = (Index("ix_shadow_predictions_model", "model", "version", "created_at"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    row: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    production_version: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Double)
+    label: Mapped[str | None] = mapped_column(Text, nullable=True)
+    production_score: Mapped[float] = mapped_column(Double)
+    production_label: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = _now()

@@ -311,3 +311,19 @@ def wait_done(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[st
         job = client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()
         if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
             return job
+
+
+def rows_like_training(n: int, seed: int, **change: Any) -> list[dict[str, Any]]:
+    """Churn rows drawn as the demo's customers are (ids far from the table's), with
+    ``change`` applied per column: a value, or a function of the column."""
+    import pandas as pd
+
+    from shared.devstack.demo import generate_customers
+    from shared.models.catalog import CHURN_SCHEMA
+
+    drawn = generate_customers(5_000_000 + seed * 100_000, n, seed=seed)
+    frame = pd.DataFrame({f["name"]: drawn[f["name"]] for f in CHURN_SCHEMA["features"]})
+    for name, how in change.items():
+        frame[name] = how(frame[name]) if callable(how) else how
+    records = frame.to_dict("records")
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in records]

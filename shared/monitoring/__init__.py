@@ -5,4 +5,5 @@ compares with it.
 - ``drift``: the statistics (PSI, Kolmogorov-Smirnov, chi-squared) of a window against it.
 - ``reports``: windows read from prediction logs and score runs; reports stored, read and
   published as metrics.
+- ``shadow``: a staging version scoring a sample of production traffic, compared with it.
 """

@@ -25,14 +25,17 @@ from shared.batching.pending import (
     wait_pending,
 )
 from shared.config import get_settings
-from shared.db import autocommit, get_engine
+from shared.db import autocommit, get_engine, session_scope
 from shared.jobs import store as jobstore
 from shared.jobs.fields import JobRow, JobStatus
 from shared.logs import job_context
+from shared.monitoring.shadow import Shadows, Work
 from workers.app import celery_app
 from workers.process import cache_client, models, redis_client, worker_name
 
 log = logging.getLogger(__name__)
+#: The shadow versions this process serves (re-read every INFERQ_MODEL_POLL_S).
+shadows = Shadows()
 
 _TIMEOUT: dict[str, str] = {"code": "timeout", "message": "the job exceeded its time limit"}
 
@@ -66,12 +69,17 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
         ids += in_flight(redis, task_id)
     deadline = time.monotonic() + s.predict_drain_s
     done: list[JobRow] = []  # ended by the last batch, hot copies not yet written
+    shadow: list[Work] = []  # sampled rows kept for the shadow versions
     ended = batches = 0
     slow = False
     with autocommit() as conn:
         while True:
             popped = mirror_and_pop(redis, done, task_id, cap)
             done = []
+            # Shadow rows when no production job waits behind them (or they are due).
+            if shadow and ((not popped and not ids) or shadows.due(shadow)):
+                shadows.run(conn, models, shadow, session_scope)
+                shadow = []
             if not ids and not popped and not redelivered:
                 if wait_pending(redis, s.predict_idle_s):
                     continue  # jobs were pushed: pop them
@@ -81,12 +89,14 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
             if len(popped) >= cap or (slow and popped):
                 call_for_help(redis)  # a backlog, or batches too slow for one process
             started = time.monotonic()
-            done = _run_batch(task_id, conn, redis, ids, popped, redelivered)
+            done, sampled = _run_batch(task_id, conn, redis, ids, popped, redelivered)
+            shadow = shadows.keep(shadow, sampled)
             slow = time.monotonic() - started > HELP_AFTER_S
             ids, redelivered = [], False
             ended, batches = ended + len(done), batches + 1
             if time.monotonic() >= deadline:
                 jobstore.mirror(redis, done)
+                shadows.run(conn, models, shadow, session_scope)
                 forget_in_flight(redis, task_id)  # claimed; a last pop would have cleared it
                 hand_over()
                 break
@@ -102,9 +112,9 @@ def _run_batch(
     ids: list[uuid.UUID],
     popped: list[uuid.UUID],
     redelivered: bool,
-) -> list[JobRow]:
+) -> tuple[list[JobRow], list[Work]]:
     """Claim, predict and record one batch; returns the jobs it ended (their hot copies are
-    the caller's to write)."""
+    the caller's to write) and its rows sampled for shadow versions."""
     try:
         claimed = jobstore.claim_batch(
             conn,
@@ -121,12 +131,14 @@ def _run_batch(
     rows = sum(len(j.request.get("inputs") or j.request.get("entity_ids") or ()) for j in runnable)
     if rows > get_settings().batch_max_rows:
         call_for_help(redis)  # several model calls' worth: share them with another process
+    work: list[Work] = []
     if runnable:
-        ended += _predict(conn, redis, runnable)
-    return ended
+        settled, work = _predict(conn, redis, runnable)
+        ended += settled
+    return ended, work
 
 
-def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> list[JobRow]:
+def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> tuple[list[JobRow], list[Work]]:
     with job_context(",".join(str(j.id) for j in jobs[:20])):
         try:
             out = run_predict_jobs(get_engine(), redis, models, jobs, cache=cache_client())
@@ -135,7 +147,7 @@ def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> list[JobRow]
             timeout: dict[uuid.UUID, jobstore.End] = {
                 j.id: (JobStatus.FAILED, None, _TIMEOUT) for j in jobs
             }
-            return jobstore.settle_batch(conn, jobs, timeout)
+            return jobstore.settle_batch(conn, jobs, timeout), []
         ends: dict[uuid.UUID, jobstore.End] = {
             jid: (JobStatus.SUCCEEDED, result, None) for jid, result in out.results.items()
         }
@@ -149,4 +161,6 @@ def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> list[JobRow]
             conn, jobs, ends, progress=progress, before=prediction_logs(out.logs)
         )
         log.debug("predicted a batch of %d jobs", len(jobs))
-        return settled
+        succeeded = {j.id for j in settled if j.status == JobStatus.SUCCEEDED}
+        logs = [entry for entry in out.logs if entry["job_id"] in succeeded]
+        return settled, shadows.plan(logs, session_scope)
