@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("inferq shadow benchmark: production latency, shadow off and on")
     print(machine().rstrip())
-    print(f"code: {code_version()}")
+    print(code_version())
     base = Path(tempfile.mkdtemp(prefix="inferq-shadow-"))
     try:
         stack = Stack.start(base / "var", env, free_port(), free_port())
