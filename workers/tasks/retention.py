@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import Select, delete, exists, select
 
 from shared.config import get_settings
 from shared.db import session_scope
@@ -53,31 +54,33 @@ def prune_scoring_runs(days: int | None = None) -> int:
     return len(runs)
 
 
+def _in_batches(table: Any, old: Select[Any]) -> int:
+    """Delete the rows of ``table`` whose id ``old`` selects, ``RETENTION_BATCH`` a
+    transaction, until a batch comes back short; returns how many."""
+    total = 0
+    while True:
+        with session_scope() as session:
+            n = session.execute(
+                delete(table)
+                .where(table.id.in_(old.limit(RETENTION_BATCH).scalar_subquery()))
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+        total += n
+        if n < RETENTION_BATCH:
+            return total
+
+
 def prune_jobs(days: int | None = None) -> int:
     """Jobs that ended more than ``INFERQ_JOB_RETENTION_DAYS`` ago (their callback
     deliveries go with them), in batches; a score job goes with its run, above."""
     days = get_settings().job_retention_days if days is None else days
     cutoff = _cutoff(days)
-    total = 0
-    while True:
-        with session_scope() as session:
-            old = (
-                select(Job.id)
-                .where(
-                    Job.created_at < cutoff,
-                    Job.finished_at < cutoff,
-                    ~exists().where(ScoringRun.job_id == Job.id),
-                )
-                .limit(RETENTION_BATCH)
-            )
-            n = session.execute(
-                delete(Job)
-                .where(Job.id.in_(old.scalar_subquery()))
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-        total += n
-        if n < RETENTION_BATCH:
-            break
+    old = select(Job.id).where(
+        Job.created_at < cutoff,
+        Job.finished_at < cutoff,
+        ~exists().where(ScoringRun.job_id == Job.id),
+    )
+    total = _in_batches(Job, old)
     if total:
         log.info("pruned %d jobs older than %d days", total, days)
     return total
@@ -86,19 +89,8 @@ def prune_jobs(days: int | None = None) -> int:
 def prune_prediction_logs(days: int | None = None) -> int:
     """Prediction logs older than ``INFERQ_PREDICTION_LOG_RETENTION_DAYS``, in batches."""
     days = get_settings().prediction_log_retention_days if days is None else days
-    cutoff = _cutoff(days)
-    total = 0
-    while True:
-        with session_scope() as session:
-            old = select(PredictionLog.id).where(PredictionLog.created_at < cutoff)
-            n = session.execute(
-                delete(PredictionLog).where(
-                    PredictionLog.id.in_(old.limit(RETENTION_BATCH).scalar_subquery())
-                )
-            ).rowcount  # type: ignore[attr-defined]
-        total += n
-        if n < RETENTION_BATCH:
-            break
+    old = select(PredictionLog.id).where(PredictionLog.created_at < _cutoff(days))
+    total = _in_batches(PredictionLog, old)
     if total:
         log.info("pruned %d prediction logs older than %d days", total, days)
     return total
