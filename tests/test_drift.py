@@ -4,6 +4,7 @@ shifted feature flags exactly that feature, online and in a score run; the figur
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -203,3 +204,36 @@ def test_a_score_run_over_a_shifted_table_flags_that_feature(
     assert r.status_code == 200, r.text
     assert drifted(r.json()) == set(), r.json()["features"]
     assert np.isfinite(r.json()["score"]["psi"])
+
+
+def test_inferq_drift_reports_now_prints_a_table_and_publishes(
+    stack: Stack, client: httpx.Client
+) -> None:
+    import subprocess
+    import sys
+
+    from shared.metrics import drift_key
+    from workers.process import redis_client
+
+    version = churn_version()
+    predict(client, version, rows_like_training(250, seed=7))
+    redis_client().delete(drift_key())
+    cli = [sys.executable, "-m", "shared.devstack.cli", "drift", "churn", "--window", "60"]
+    shown = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"churn v{version}: ") and "rows in the window" in lines[0]
+    assert any(line.split()[:2] == ["monthly_spend", "ks"] for line in lines), shown.stdout
+    assert any(line.split()[:2] == ["contract_type", "chi2"] for line in lines), shown.stdout
+    assert lines[-1].startswith("drift: ")
+    as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=120)
+    report = json.loads(as_json.stdout)
+    assert report["rows_window"] >= 250 and report["source"] == "online"
+    metrics = httpx.get(stack.api_url + "/metrics", timeout=10).text
+    assert f'inferq_drift_rows{{model="churn",version="{version}"}}' in metrics
+    missing = subprocess.run(
+        [sys.executable, "-m", "shared.devstack.cli", "drift", "nope"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 1 and "nope" in missing.stderr

@@ -232,12 +232,15 @@ def keys_create(tenant: str, scopes: str, name: str, rate: float | None) -> None
 @click.option("--window", type=float, default=None, help="Seconds (default INFERQ_DRIFT_WINDOW_S).")
 @JSON_OPTION
 def drift(model: str, version: int | None, window: float | None, as_json: bool) -> None:
-    """Compute a drift report of MODEL's online traffic now, store it and print it."""
+    """Compute a drift report of MODEL's online traffic now, store it, publish its figures
+    to /metrics and print it."""
     from datetime import UTC, datetime, timedelta
+
+    from redis import Redis
 
     from shared.db import session_scope
     from shared.models.registry import get_version, production_versions
-    from shared.monitoring.reports import NoReferenceError, as_dict, online_report
+    from shared.monitoring.reports import NoReferenceError, as_dict, online_report, publish
 
     with session_scope() as session:
         number = version or production_versions(session).get(model)
@@ -247,9 +250,11 @@ def drift(model: str, version: int | None, window: float | None, as_json: bool) 
             raise click.ClickException(f"model {model!r} has no {what}")
         since = datetime.now(UTC) - timedelta(seconds=window) if window else None
         try:
-            report = as_dict(online_report(session, mv, since=since))
+            found = online_report(session, mv, since=since)
         except NoReferenceError as exc:
             raise click.ClickException(str(exc)) from None
+        report = as_dict(found)
+        publish(Redis.from_url(_settings().redis_url, socket_connect_timeout=3), found)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
