@@ -1,11 +1,10 @@
 """The job store: Postgres is the ledger, Redis holds a hot copy of each job's public view.
 
 Every change of a job's status happens here (claim, settle, fail, cancel), each a
-compare-and-set in one statement; ``mirror`` then writes the hot copies and announces
-the ended jobs. A job's fields and view are defined in ``shared.jobs.fields``.
-
-Status changes only through the compare-and-set functions here, so a second delivery of a
-task, a cancel racing a finish, or a sweeper re-send can never move a job backwards.
+compare-and-set in one statement, so a second delivery of a task, a cancel racing a
+finish, or a sweeper re-send can never move a job backwards; ``mirror`` then writes the
+hot copies and announces the ended jobs. A job's fields and view are defined in
+``shared.jobs.fields``.
 """
 
 from __future__ import annotations
@@ -74,7 +73,8 @@ def mirror(redis: Redis, jobs: Sequence[Job | JobRow], *, pipe: Any = None) -> N
     """
     settings = get_settings()
     p = pipe if pipe is not None else redis.pipeline(transaction=False)
-    record_ended(p, [j for j in jobs if j.status in TERMINAL])
+    ended = [j for j in jobs if j.status in TERMINAL]
+    record_ended(p, ended)
     for job in jobs:
         doc = hot_copy(job)
         p.set(settings.key("job", job.id), doc, ex=settings.result_ttl_s)
@@ -82,7 +82,6 @@ def mirror(redis: Redis, jobs: Sequence[Job | JobRow], *, pipe: Any = None) -> N
             p.publish(settings.key(DONE_CHANNEL), done_message(job.id, doc))
     if pipe is None:
         p.execute()
-    ended = [j for j in jobs if j.status in TERMINAL]
     if ended:
         try:
             send_callbacks(ended)

@@ -41,9 +41,11 @@ EPSILON = 1e-4
 
 @dataclass(frozen=True)
 class Thresholds:
-    psi: float = 0.2
-    p_value: float = 0.01
-    min_rows: int = 200
+    """From the settings (``shared.monitoring.reports.thresholds``)."""
+
+    psi: float
+    p_value: float
+    min_rows: int
 
 
 def psi(reference: Sequence[float] | np.ndarray, window: Sequence[float] | np.ndarray) -> float:

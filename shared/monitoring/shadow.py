@@ -102,18 +102,23 @@ class Shadows:
         with self._lock:
             if time.monotonic() - self._read_at < get_settings().model_poll_s:
                 return self._active
+            self._read_at = time.monotonic()  # a failed read is not retried before the next
             with session_of() as session:
                 prod = production_versions(session)
                 rows = session.execute(select(ModelShadow)).scalars().all()
                 self._active = {
                     r.name: (r.version, r.sample_rate, prod[r.name]) for r in rows if r.name in prod
                 }
-            self._read_at = time.monotonic()
             return self._active
 
     def plan(self, logs: Sequence[dict[str, Any]], session_of: Any) -> list[Work]:
-        """The sampled production rows of a settled batch, by model."""
-        active = self.active(session_of)
+        """The sampled production rows of a settled batch, by model. Never raises: the
+        batch is settled and its hot copies are still to be written."""
+        try:
+            active = self.active(session_of)
+        except Exception:
+            log.warning("could not read the shadow versions", exc_info=True)
+            return []
         if not active:
             return []
         work: dict[str, Work] = {}
