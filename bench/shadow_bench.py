@@ -6,8 +6,9 @@ trained without promotion; after an untimed phase to warm up, the same load runs
 order rotated each round (so drift over the run cancels out): each phase a
 closed loop of ``--clients`` one-row jobs and an open loop at ``--offered`` jobs/s, both
 as ``bench.load_bench`` runs them. Prints jobs/s and completion p50 / p99 of each phase,
-the shadow's own report, the medians over the rounds with their ratio to shadow off, and
-how far the shadow-off phases spread.
+the shadow's own report, the medians over the rounds with their ratio to shadow off, each
+round's ratio to its own shadow-off phase (median, min and max over the rounds), and how
+far the shadow-off phases spread.
 
     .venv/bin/python -m bench.shadow_bench --duration 10
 """
@@ -153,6 +154,19 @@ def measure(stack: Stack, env: dict[str, str], args: argparse.Namespace) -> int:
         print(f"  {name:<14} {cells}")
         if name != "off":
             print(f"  {'':<14} ratio: {ratio}")
+    # Each round's ratio to its own shadow-off phase, minutes apart at most: slow drift
+    # over the run (tables growing, the machine's neighbours) cancels out of these.
+    print("each round's ratio to that round's shadow off, median over the rounds [min, max]:")
+    for name, figs in figures.items():
+        if name == "off":
+            continue
+        cells = []
+        for k in keys:
+            ratios = [f[k] / max(1e-9, o[k]) for f, o in zip(figs, figures["off"], strict=True)]
+            cells.append(
+                f"{k} {statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}]"
+            )
+        print(f"  {name:<14} " + ", ".join(cells))
     spread = {
         k: (max(f[k] for f in figures["off"]) / max(1e-9, min(f[k] for f in figures["off"])))
         for k in keys

@@ -2,15 +2,16 @@
 traffic, beside production, and is compared with it. Clients never see its answers.
 
 ``PUT /v1/models/{name}/shadow`` records the shadow (``model_shadows``). A predict worker
-settles and announces each batch first and keeps its sampled rows; when nothing is
-pending (or the kept rows reach ``DUE_ROWS``, or wait ``DUE_S``) it predicts them with the
+settles and announces each batch first and keeps its sampled rows; when no job has come
+for ``INFERQ_PREDICT_IDLE_S``, when it hands its draining over to the next delivery, or
+when the kept rows reach ``DUE_ROWS`` or have waited ``DUE_S``, it predicts them with the
 shadow version, one call per model, and logs them in ``shadow_predictions`` with
-production's score and label beside them: production jobs never wait for the shadow
-while others are queued behind it. A job is sampled
-when its id falls under the sample rate (ids are random, so the share is the rate's, and
-every delivery of a job decides alike). ``report`` compares the two: rows compared, label
-agreement, mean and p99 absolute score difference, and each version's score drift against
-its own reference.
+production's score and label beside them: production jobs do not wait for the shadow
+while others are queued behind it, nor, but for the due case, arrive to find it running.
+A job is sampled when its id falls under the sample rate (ids are random, so the share is
+the rate's, and every delivery of a job decides alike). ``report`` compares the two:
+rows compared, label agreement, mean and p99 absolute score difference, and each
+version's score drift against its own reference.
 """
 
 from __future__ import annotations

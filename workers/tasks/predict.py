@@ -76,13 +76,16 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
         while True:
             popped = mirror_and_pop(redis, done, task_id, cap)
             done = []
-            # Shadow rows when no production job waits behind them (or they are due).
-            if shadow and ((not popped and not ids) or shadows.due(shadow)):
+            if shadow and shadows.due(shadow):  # kept too long or too many: run them now
                 shadows.run(conn, models, shadow, session_scope)
                 shadow = []
             if not ids and not popped and not redelivered:
                 if wait_pending(redis, s.predict_idle_s):
                     continue  # jobs were pushed: pop them
+                if shadow:  # no job for predict_idle_s: the shadow's turn, then look again
+                    shadows.run(conn, models, shadow, session_scope)
+                    shadow = []
+                    continue
                 popped = pop_pending(redis, task_id, cap, last=True)  # doorbell down
                 if not popped:
                     break
@@ -96,9 +99,9 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
             ended, batches = ended + len(done), batches + 1
             if time.monotonic() >= deadline:
                 jobstore.mirror(redis, done)
-                shadows.run(conn, models, shadow, session_scope)
                 forget_in_flight(redis, task_id)  # claimed; a last pop would have cleared it
-                hand_over()
+                hand_over()  # the next delivery drains while this one runs the shadow
+                shadows.run(conn, models, shadow, session_scope)
                 break
     if batches > 1:
         log.info("drained %d predict jobs in %d batches", ended, batches)
