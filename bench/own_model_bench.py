@@ -144,6 +144,10 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and _ppid(pid) != 0
 
 
+#: Requests/s of a load generator's key: above anything two cores serve.
+LOAD_KEY_RATE = 100_000.0
+
+
 @dataclass
 class Stack:
     """``inferq up`` started as a user starts it, in a process group of its own."""
@@ -210,6 +214,25 @@ class Stack:
     @property
     def pid(self) -> int:
         return int(self.popen.pid)
+
+    def cli(self, *args: str) -> str:
+        """``inferq ARGS`` against this stack (its data directory names the servers)."""
+        out = subprocess.run(
+            [sys.executable, "-m", "shared.devstack.cli", *args],
+            cwd=ROOT,
+            env={**stack_env()[0], "INFERQ_DATA_DIR": str(self.data_dir)},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
+        return out.stdout
+
+    def load_key(self, rate: float = LOAD_KEY_RATE) -> str:
+        """A key of its own for a load generator, whose rate admits the load: the rate
+        limit stays on and is checked on every request, as for any tenant, but the dev
+        key's default (INFERQ_RATE_LIMIT_PER_S) would turn a benchmark's load into 429s."""
+        return self.cli("keys", "create", "--tenant", "bench", "--rate", f"{rate:g}").strip()
 
     def postmaster(self) -> int | None:
         """The embedded postmaster's pid (pg_ctl starts it outside our process tree)."""
@@ -649,7 +672,7 @@ def measure(run: Run, stack: Stack) -> None:
         run.check = check_job(client, pipeline)
 
         say(f"online: {args.clients} clients, {args.duration:g} s after {WARMUP_S:g} s ...")
-        target = accounts_target(stack.api, stack.api_key, feed)
+        target = accounts_target(stack.api, stack.load_key(), feed)
         target.roots = stack.roots()
         run.online_roots = list(target.roots)
         run.online = asyncio.run(online(target, args.clients, args.duration))

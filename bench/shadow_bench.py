@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from bench.load_bench import (
     pct,
     warm,
 )
-from bench.own_model_bench import ROOT, Stack, say, stack_env
+from bench.own_model_bench import Stack, say, stack_env
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,20 +54,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-b", type=float, default=1.0, help="second shadow sample rate")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the three phases")
     return p.parse_args(argv)
-
-
-def _cli(stack: Stack, env: dict[str, str], *args: str) -> str:
-    run_env = {**env, "INFERQ_DATA_DIR": str(stack.data_dir)}
-    out = subprocess.run(
-        [sys.executable, "-m", "shared.devstack.cli", *args],
-        cwd=ROOT,
-        env=run_env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    )
-    return out.stdout
 
 
 async def _phase(target: Any, args: argparse.Namespace) -> tuple[PhaseResult, PhaseResult]:
@@ -97,14 +82,14 @@ def _line(name: str, closed: PhaseResult, opened: PhaseResult) -> dict[str, floa
     return fig
 
 
-def measure(stack: Stack, env: dict[str, str], args: argparse.Namespace) -> int:
+def measure(stack: Stack, args: argparse.Namespace) -> int:
     stack.wait_ready(600)
     say(f"ready after {stack.ready_s:.1f} s; training a second churn version (not promoted)")
-    trained = json.loads(_cli(stack, env, "train", "churn", "--no-promote", "--json"))
+    trained = json.loads(stack.cli("train", "churn", "--no-promote", "--json"))
     staging = int(trained["version"])
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     api = httpx.Client(base_url=stack.api, headers=headers, timeout=30)
-    target = inferq_target(stack.api, stack.api_key)
+    target = inferq_target(stack.api, stack.load_key())
     asyncio.run(warm(target, args.clients))
     say("warming up: one untimed phase")
     asyncio.run(_phase(target, args))
@@ -193,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack = Stack.start(base / "var", env, free_port(), free_port())
         try:
-            return measure(stack, env, args)
+            return measure(stack, args)
         finally:
             for note in stack.stop():
                 say(f"inferq up: {note}")
