@@ -1,32 +1,39 @@
-"""Online predict jobs end to end over HTTP: inferq against the naive design, in one run.
+"""Online predict jobs over HTTP: inferq against the naive design and a floor, in one run.
 
-    python -m bench.load_bench [--duration 10] [--concurrency 64] [--rate 500] [--skip-naive]
+    python -m bench.load_bench [--duration 10] [--concurrency 64] [--rate R] [--config default]
 
-Starts embedded PostgreSQL and Redis under a temporary directory (or uses
-``INFERQ_DATABASE_URL`` / ``INFERQ_REDIS_URL`` when set: the ``customers`` table there is
-replaced), migrates, seeds 20,000 customers and trains churn. Then, one system at a time on
-the same servers:
+**--config default** (what users run): ``inferq up`` on its defaults in a temporary data
+directory (embedded PostgreSQL and Redis, the api, a predict worker, a score+ops worker,
+beat, Flower, INFO logs, the rate limit on); the load uses a key of its own whose rate
+(100,000 requests/s) admits it, so every request still goes through the limiter.
+**--config stripped**: the earlier, stripped stack (embedded servers, ``inferq api`` and
+``inferq worker -Q predict -c 2`` only, logs at WARNING, rate limit and prediction cache
+off, 20,000 customers), to see what the defaults cost.
 
-* **inferq**: the real stack, ``inferq api`` (one uvicorn process) and
-  ``inferq worker -Q predict -c 2``; clients POST /v1/jobs and long-poll
-  GET /v1/jobs/{id}?wait=10.
+Then, one after the other on the same servers (the stack idle meanwhile):
+
+* **inferq**: clients POST /v1/jobs and long-poll GET /v1/jobs/{id}?wait=10.
+* **floor**: ``bench.floor_app`` on the same uvicorn, a trivial ASGI app answering the
+  POST with a 202 and the GET with a stored body: the HTTP ceiling of this machine for
+  this load generator.
 * **naive**: ``bench.naive_app`` (FastAPI, ``.delay()`` per request, state from Celery's
   Redis result backend) and ``bench.naive_tasks`` (``celery worker -c 2``, one task and one
   pandas DataFrame per row); clients poll GET /jobs/{id} every 5 ms.
 
 Each system gets the same load from an aiohttp client in this process (one event loop,
 one connection pool of ``--concurrency`` connections), every request a different random
-valid churn row, the prediction cache off and no rate limit:
+valid churn row:
 
 a. closed loop: ``--concurrency`` clients, each submit then wait for the result, for
    ``--duration`` s after a 2 s warm-up;
-b. open loop: ``--rate`` jobs/s offered at fixed intervals, each job waited for by its
-   own task;
-c. idle: 200 jobs one at a time.
+b. open loop: ``--rate`` jobs/s (default: half of inferq's closed-loop jobs/s, the same
+   for every system) offered at fixed intervals, each job waited for by its own task;
+c. idle: 200 jobs one at a time;
+d. cold: 60 jobs, each after 0.3 s of quiet.
 
 Reported: jobs/s, submit latency (POST round trip), completion latency (POST start to
-result seen), the CPU used by this driver (share of all cores), by the API and worker
-process trees and by the servers, and what the API and worker logs said.
+result seen), the CPU used by this driver (share of all cores), by each process tree and
+by the servers, what the logs said, and the ratios inferq/naive and inferq/floor.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import json
 import os
 import platform
@@ -496,8 +504,10 @@ async def idle(target: Target, meter: CpuMeter, *, jobs: int, gap: float = 0.0) 
 
 
 async def measure(
-    target: Target, concurrency: int, rate: float, duration: float
+    target: Target, concurrency: int, rate: float | None, duration: float
 ) -> list[PhaseResult]:
+    """Closed loop, open loop at ``rate`` (None: half of this closed loop's jobs/s), idle
+    and cold phases, in that order."""
     meter = CpuMeter(target.roots)
 
     def say(what: str) -> None:
@@ -507,8 +517,10 @@ async def measure(
     await warm(target, concurrency)
     say("closed loop")
     out = [await closed_loop(target, meter, concurrency, duration)]
+    if rate is None:
+        rate = round(out[0].jobs / out[0].seconds / 2)
     await asyncio.sleep(1)
-    say("open loop")
+    say(f"open loop at {rate:g} jobs/s")
     out.append(await open_loop(target, meter, concurrency, rate, duration))
     await asyncio.sleep(1)
     say("idle")
@@ -782,7 +794,7 @@ def run_inferq(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
     return (target, results), logs
 
 
-def run_naive(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
+def run_naive(env: Env, args: argparse.Namespace, rate: float | None) -> tuple[Any, dict]:
     from shared.devstack.embedded import free_port
 
     port = free_port()
@@ -845,12 +857,68 @@ def run_naive(env: Env, args: argparse.Namespace) -> tuple[Any, dict]:
                 )
 
         asyncio.run(first_job())
-        results = asyncio.run(measure(target, args.concurrency, args.rate, args.duration))
+        results = asyncio.run(measure(target, args.concurrency, rate, args.duration))
     finally:
         for p in reversed(procs):
             p.stop()
     logs = {p.name: scan_log(p.log) for p in procs}
     return (target, results), logs
+
+
+def start_stack(base: Path) -> tuple[Any, Env]:
+    """``inferq up`` on its defaults (beat, Flower, INFO logs, the rate limit on), as a user
+    starts it; and the settings the naive design needs to run beside it on its servers."""
+    from bench.own_model_bench import Stack, stack_env
+    from shared.devstack.embedded import free_port
+
+    env, _ = stack_env()
+    stack = Stack.start(base / "var", env, free_port(), free_port())
+    try:
+        stack.wait_ready(600)
+    except BaseException:
+        stack.stop()
+        raise
+    os.environ["INFERQ_DATABASE_URL"] = stack.database_url  # the ledger's queries
+    roots = {k: v for k, v in stack.roots().items() if k in ("postgres", "redis")}
+    penv = {**env, "INFERQ_DATABASE_URL": stack.database_url, "INFERQ_REDIS_URL": stack.redis_url}
+    penv["INFERQ_DATA_DIR"] = str(stack.data_dir)
+    return stack, Env(base, penv, "", _with_db(stack.redis_url, 2), [], roots)
+
+
+def run_default(stack: Any, args: argparse.Namespace) -> tuple[Any, dict]:
+    """inferq as ``inferq up`` runs it, loaded with a key of its own (rate 100,000/s)."""
+    target = inferq_target(stack.api, stack.load_key())
+    target.roots = stack.roots()
+    target.description = (
+        "inferq up, defaults (api, predict worker, score+ops worker, beat, Flower; "
+        "INFO logs; rate limit on, checked per request)"
+    )
+    results = asyncio.run(measure(target, args.concurrency, args.rate, args.duration))
+    target.extra = ledger_breakdown(results)
+    logs = {name: scan_log(stack.data_dir / "logs" / f"{name}.log") for name in ("api", "worker")}
+    return (target, results), logs
+
+
+def run_floor(env: Env, args: argparse.Namespace, rate: float | None) -> tuple[Any, dict]:
+    """The floor: ``bench.floor_app`` on the same uvicorn, the same load generator."""
+    from shared.devstack.embedded import free_port
+
+    port = free_port()
+    logdir = env.base / "logs-floor"
+    logdir.mkdir()
+    args_ = [sys.executable, "-m", "uvicorn", "bench.floor_app:app", "--host", "127.0.0.1"]
+    args_ += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+    procs = [start("api", args_, env.env, logdir)]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/healthz", procs, 60)
+        target = dataclasses.replace(inferq_target(base, "none"), name="floor")
+        target.roots = {"api": procs[0].popen.pid}
+        target.description = "uvicorn bench.floor_app (1 process): 202 on POST, stored body on GET"
+        results = asyncio.run(measure(target, args.concurrency, rate, args.duration))
+    finally:
+        procs[0].stop()
+    return (target, results), {"floor": scan_log(procs[0].log)}
 
 
 # --- report ----------------------------------------------------------------------------
@@ -908,7 +976,7 @@ def report(target: Target, results: list[PhaseResult], logs: dict, args: argpars
     out.append(_lat("completion", closed.complete))
     out += _cpu_line(closed.cpu, roots, closed.jobs)
     out.append(
-        f"  open loop, {args.rate:.0f} jobs/s offered for {args.duration:.0f} s: "
+        f"  open loop, {open_.offered:.0f} jobs/s offered for {args.duration:.0f} s: "
         f"{open_.submitted} of {len(open_.lag)} offered jobs accepted; during the window "
         f"202s came back at {open_.accepted / open_.seconds:.1f}/s and results at "
         f"{open_.jobs / open_.seconds:.1f}/s (achieved); {_errors(open_)}"
@@ -960,8 +1028,23 @@ def machine() -> str:
     return (
         f"machine: {NCPU} cores (nproc), {model}; Python {platform.python_version()}; "
         f"load average at start {load[0]:.2f}\n"
+        f"single-thread speed: {single_thread_mops():.1f} M loop iterations/s "
+        "(pure Python, best of 5)\n"
         f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S')} UTC"
     )
+
+
+def single_thread_mops(n: int = 2_000_000) -> float:
+    """Millions of iterations per second of a fixed pure-Python loop, the best of five: a
+    figure to set machines side by side (the same code on one core)."""
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(n):
+            acc += i * i & 7
+        best = min(best, time.perf_counter() - t0)
+    return n / best / 1e6
 
 
 def code_version() -> str:
@@ -988,65 +1071,73 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop clients")
-    p.add_argument("--rate", type=float, default=500.0, help="open-loop jobs/s offered")
-    p.add_argument("--skip-naive", action="store_true", help="measure inferq only")
-    p.add_argument("--api-processes", type=int, default=1, help="inferq api processes")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open-loop jobs/s offered (default: half of inferq's closed-loop jobs/s)",
+    )
+    p.add_argument(
+        "--config",
+        choices=("default", "stripped"),
+        default="default",
+        help="default: inferq up as a user starts it; stripped: api + predict worker only, "
+        "logs at WARNING, no rate limit, no prediction cache",
+    )
+    p.add_argument("--skip-naive", action="store_true", help="no naive design")
+    p.add_argument("--skip-floor", action="store_true", help="no floor")
+    p.add_argument("--api-processes", type=int, default=1, help="api processes (stripped)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for var in THREAD_VARS:
+        os.environ.setdefault(var, "1")
 
     header = [
         "inferq load benchmark: online predict jobs, one random churn row each, over HTTP",
         machine(),
         code_version(),
-        f"args: --duration {args.duration:g} --concurrency {args.concurrency} --rate {args.rate:g}"
-        + (" --skip-naive" if args.skip_naive else ""),
-        f"setup: {CUSTOMERS} customers, churn trained; no rate limit, prediction cache off; "
-        "client: aiohttp, one event loop in this process",
+        f"args: --config {args.config} --duration {args.duration:g} --concurrency "
+        f"{args.concurrency} --rate {args.rate or 'half of the closed loop'}"
+        + (" --skip-naive" if args.skip_naive else "")
+        + (" --skip-floor" if args.skip_floor else ""),
+        "client: aiohttp, one event loop in this process; every system below ran in this "
+        "run, one after the other, on the same servers",
     ]
     print("\n".join(header), flush=True)
     base = Path(tempfile.mkdtemp(prefix="inferq-load-"))
     servers: list[Any] = []
-    blocks: list[str] = []
-    closed_rates: dict[str, float] = {}
+    stack: Any = None
+    runs: dict[str, list[PhaseResult]] = {}
+    targets: list[Target] = []
     try:
-        env = prepare(base, servers)
-        print("servers ready, churn trained; measuring inferq ...", file=sys.stderr, flush=True)
-        (target, results), logs = run_inferq(env, args)
-        targets = [target]
-        blocks.append(report(target, results, logs, args))
-        print(blocks[-1], flush=True)
-        closed_rates["inferq"] = results[0].jobs / results[0].seconds
-        inferq_results = results
-        if not args.skip_naive:
-            print("measuring the naive design ...", file=sys.stderr, flush=True)
-            (target, results), logs = run_naive(env, args)
+        if args.config == "default":
+            stack, env = start_stack(base)
+            print(f"inferq up ready after {stack.ready_s:.1f} s", file=sys.stderr, flush=True)
+            (target, results), logs = run_default(stack, args)
+        else:
+            env = prepare(base, servers)
+            print("servers ready, churn trained; measuring inferq ...", file=sys.stderr)
+            (target, results), logs = run_inferq(env, args)
+        targets.append(target)
+        runs["inferq"] = results
+        print(report(target, results, logs, args), flush=True)
+        rate = results[1].offered  # the others get inferq's open-loop load
+        others = [("floor", run_floor)] if not args.skip_floor else []
+        others += [("naive", run_naive)] if not args.skip_naive else []
+        for name, run in others:
+            print(f"measuring the {name} ...", file=sys.stderr, flush=True)
+            (target, results), logs = run(env, args, rate)
             targets.append(target)
-            blocks.append(report(target, results, logs, args))
-            print(blocks[-1], flush=True)
-            closed_rates["naive"] = results[0].jobs / results[0].seconds
-        lines = ["== comparison =="]
-        lines.append(
-            "  same model: the test suite's churn row scores "
-            + ", ".join(f"{t.name} {t.check:.6f}" for t in targets if t.check is not None)
-        )
-        if "naive" in closed_rates and closed_rates["naive"] > 0:
-            ratio = closed_rates["inferq"] / closed_rates["naive"]
-            lines.append(
-                f"  closed-loop jobs/s inferq/naive = {closed_rates['inferq']:.1f} / "
-                f"{closed_rates['naive']:.1f} = {ratio:.2f}x (target >= 8x)"
-            )
-        closed, open_, idle_, cold = inferq_results
-        lines.append(
-            f"  inferq vs DESIGN.md targets: {closed_rates['inferq']:.0f} jobs/s (target >= 1000); "
-            f"p99 submit at {args.rate:g}/s offered {ms(pct(open_.submit, 99))} (target < 25 ms); "
-            f"idle p50 {ms(pct(idle_.complete, 50))}, cold p50 {ms(pct(cold.complete, 50))} "
-            "(target < 15 ms)"
-        )
-        print("\n".join(lines), flush=True)
+            runs[name] = results
+            print(report(target, results, logs, args), flush=True)
+        print(comparison(targets, runs), flush=True)
         return 0
     finally:
+        if stack is not None:
+            for note in stack.stop():
+                print(f"inferq up: {note}", file=sys.stderr)
         for server in reversed(servers):
             try:
                 server.stop()
@@ -1056,6 +1147,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {base}", file=sys.stderr)
         else:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def comparison(targets: list[Target], runs: dict[str, list[PhaseResult]]) -> str:
+    """The ratios, each against its target, from the phases of this run."""
+    rate = {name: r[0].jobs / r[0].seconds for name, r in runs.items()}
+    lines = ["== comparison (same run) =="]
+    lines.append(
+        "  same model: the test suite's churn row scores "
+        + ", ".join(f"{t.name} {t.check:.6f}" for t in targets if t.check is not None)
+    )
+    if rate.get("naive"):
+        lines.append(
+            f"  closed-loop jobs/s inferq/naive = {rate['inferq']:.1f} / {rate['naive']:.1f} = "
+            f"{rate['inferq'] / rate['naive']:.2f}x (target >= 10x)"
+        )
+    if rate.get("floor"):
+        lines.append(
+            f"  closed-loop POST+GET pairs/s inferq/floor = {rate['inferq']:.1f} / "
+            f"{rate['floor']:.1f} = {rate['inferq'] / rate['floor']:.2f} (target >= 0.60)"
+        )
+    _, open_, idle_, cold = runs["inferq"]
+    lines.append(
+        f"  inferq open loop at {open_.offered:g} jobs/s (half its closed loop): p99 submit "
+        f"{ms(pct(open_.submit, 99))} (target < 25 ms); cold p50 {ms(pct(cold.complete, 50))} "
+        f"(target < 10 ms); idle p50 {ms(pct(idle_.complete, 50))}"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

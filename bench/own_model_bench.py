@@ -160,14 +160,22 @@ class Stack:
     api: str = ""
     api_key: str = ""
     database_url: str = ""
+    redis_url: str = ""
     _started: float = 0.0
     _ready: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
 
     @classmethod
-    def start(cls, data_dir: Path, env: dict[str, str], port: int, flower_port: int) -> Stack:
+    def start(
+        cls,
+        data_dir: Path,
+        env: dict[str, str],
+        port: int,
+        flower_port: int,
+        extra: tuple[str, ...] = (),
+    ) -> Stack:
         args = [sys.executable, "-m", "shared.devstack.cli", "up", "--port", str(port)]
-        args += ["--flower-port", str(flower_port), "--data-dir", str(data_dir)]
+        args += ["--flower-port", str(flower_port), "--data-dir", str(data_dir), *extra]
         popen = subprocess.Popen(
             args,
             cwd=ROOT,
@@ -210,6 +218,7 @@ class Stack:
             raise RuntimeError(f"cannot read api= and api_key= from: {self.ready_line}")
         stack = json.loads((self.data_dir / STACK_FILE).read_text())
         self.database_url = str(stack["database_url"])
+        self.redis_url = str(stack["redis_url"])
 
     @property
     def pid(self) -> int:
@@ -248,7 +257,10 @@ class Stack:
             if any("redis-server" in part for part in cmd):
                 out["redis"] = pid
             elif "shared.devstack.cli" in cmd and cmd.index("shared.devstack.cli") + 1 < len(cmd):
-                out[cmd[cmd.index("shared.devstack.cli") + 1]] = pid
+                name = cmd[cmd.index("shared.devstack.cli") + 1]
+                if name == "worker" and "-Q" in cmd[:-1]:  # two pools: name each by its queues
+                    name = f"worker {cmd[cmd.index('-Q') + 1]}"
+                out[name] = pid
         pg = self.postmaster()
         if pg and _alive(pg):
             ancestor = pg

@@ -1,23 +1,26 @@
-"""Population scoring benchmark: inferq's score jobs against the tutorial batch-scoring loop.
+"""Population scoring benchmark: inferq's score job against its copy floor and the tutorial
+batch-scoring loop, in one run, on the same table and model version.
 
     .venv/bin/python -m bench.score_bench --customers 1000000
 
-Starts embedded PostgreSQL and Redis under a temporary directory (or uses the servers of
-INFERQ_DATABASE_URL / INFERQ_REDIS_URL when they are set: the ``customers`` table there
-is replaced), migrates, seeds N synthetic customers and trains ``churn`` (promoted). Then,
-in the same run, on the same table and model version:
+Starts ``inferq up --customers N`` as a user does (its defaults, embedded PostgreSQL and
+Redis in a temporary data directory; it seeds N synthetic customers and trains churn),
+then, one after the other:
 
-- inferq: a real worker (``shared.devstack.cli worker -Q score -c W``) and a real API
-  (``shared.devstack.cli api``) as subprocesses; one ``{"type": "score", "model": "churn"}`` job is
-  submitted over HTTP and timed from the POST until the job reads ``succeeded``. The
-  predictions of the run are counted in Postgres. The peak resident memory (VmHWM) of the
-  worker's pool processes and of its parent is read from /proc.
+- floor: one binary ``COPY (SELECT id, <features as the workers read them>) TO STDOUT``
+  of the whole table, then one binary ``COPY`` of as many prediction rows (the workers'
+  encoding) into an index-less table shaped like ``predictions``: the database work a
+  score run cannot avoid, with nothing else.
+- inferq: one ``{"type": "score", "model": "churn"}`` job submitted over HTTP (a key of
+  its own) and timed from the POST until the job reads ``succeeded``; its predictions are
+  counted in Postgres; the peak resident memory (VmHWM) of the score worker's pool
+  processes and of its parent is sampled from /proc during the run.
 - tutorial: one process, ``LIMIT 10000 OFFSET k`` read with ``pandas.read_sql`` on a fresh
   connection per batch, categories mapped with ``Series.map``, the registered scikit-learn
-  pipeline's ``predict_proba``, and a CSV ``copy_from`` into ``predictions``, committed per
-  batch, until a batch comes back empty.
+  pipeline's ``predict_proba``, and a CSV ``copy_from`` into a partition of
+  ``predictions``, committed per batch, until a batch comes back empty.
 
-The figures are printed at the end; see bench/README.md for what each one means.
+Prints inferq/floor (time) and inferq/tutorial (rows/s); see bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import argparse
 import contextlib
 import io
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -257,39 +259,22 @@ class InferqResult:
     cpu: CpuAccount | None = None
 
 
-def run_inferq(base: Path, n: int, workers: int, timeout: float, roots: list[int]) -> InferqResult:
+def run_inferq(stack: Any, n: int, timeout: float, roots: list[int]) -> InferqResult:
+    """One score job over HTTP on ``inferq up``, timed from the POST to ``succeeded``."""
     import httpx
 
-    from shared.devstack.embedded import free_port
-
     res = InferqResult()
-    worker = start_cli("worker", base, "worker", "-Q", "score", "-c", str(workers))
-    port = free_port()
-    api = start_cli("api", base, "api", "--port", str(port))
-    url = f"http://127.0.0.1:{port}"
-    res.parent_pid = worker.popen.pid
-    key = os.environ["INFERQ_BOOTSTRAP_API_KEY"]
+    worker = stack.roots()["worker score,ops"]  # the pool score runs go to
+    res.parent_pid = worker
+    key = stack.load_key()
     try:
         with httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+            base_url=stack.api, headers={"Authorization": f"Bearer {key}"}, timeout=60
         ) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                for p in (worker, api):
-                    if p.popen.poll() is not None:
-                        raise RuntimeError(f"{p.name} exited early:\n{p.tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get("/readyz", timeout=5).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"/readyz not 200 after 90 s:\n{api.tail()}")
-                time.sleep(0.2)
-            time.sleep(1.0)  # let the pool settle before the idle reading
-            idle = [proc_status_kb(p, "VmHWM") for p in children(worker.popen.pid)]
+            idle = [proc_status_kb(p, "VmHWM") for p in children(worker)]
             res.idle_child_kb = max((v for v in idle if v is not None), default=None)
-
             cpu = CpuAccount(roots)
-            with MemorySampler(worker.popen.pid) as sampler, cpu:
+            with MemorySampler(worker) as sampler, cpu:
                 start = time.perf_counter()
                 r = client.post("/v1/jobs", json={"type": "score", "model": "churn"})
                 if r.status_code >= 400:
@@ -299,25 +284,106 @@ def run_inferq(base: Path, n: int, workers: int, timeout: float, roots: list[int
                 while job["status"] in ("queued", "running"):
                     if time.monotonic() > end_by:
                         break
-                    if worker.popen.poll() is not None:
-                        raise RuntimeError(f"worker exited during the run:\n{worker.tail()}")
+                    if stack.popen.poll() is not None:
+                        raise RuntimeError("inferq up exited during the run")
                     job = client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
                 res.seconds = time.perf_counter() - start
             res.job = job
             res.status = job["status"] if job["status"] not in ("queued", "running") else "timeout"
             res.sampled = sampler.peak
             res.cpu = cpu
-        res.children_end = children(worker.popen.pid)
+        res.children_end = children(worker)
         ends = [proc_status_kb(p, "VmHWM") for p in res.children_end]
         res.child_kb = max((v for v in ends if v is not None), default=None)
-        res.parent_kb = proc_status_kb(worker.popen.pid, "VmHWM")
+        res.parent_kb = proc_status_kb(worker, "VmHWM")
         res.counted = count_predictions(res.job["id"])
         return res
     finally:
-        api.stop()
-        worker.stop()
-        res.worker_problems = log_problems(worker.log)
-        res.api_problems = log_problems(api.log)
+        logs = stack.data_dir / "logs"
+        res.worker_problems = log_problems(logs / "worker-jobs.log")
+        res.api_problems = log_problems(logs / "api.log")
+
+
+@dataclass
+class FloorResult:
+    copy_out_s: float = 0.0
+    copy_in_s: float = 0.0
+    rows: int = 0
+    out_bytes: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.copy_out_s + self.copy_in_s
+
+
+def run_floor(version: int) -> FloorResult:
+    """The copy floor on the same table: one binary COPY out of the feature columns as the
+    workers read them, then one binary COPY of as many prediction rows (the workers'
+    encoding) into an index-less table shaped like ``predictions``; nothing else."""
+    import numpy as np
+
+    from shared.db import get_engine, session_scope
+    from shared.models.registry import ModelCache
+    from shared.scoring import pgcopy
+    from shared.scoring.chunk import _select_features
+
+    with session_scope() as session:
+        schema = ModelCache().get(session, "churn", version).schema
+    res = FloorResult()
+    raw = get_engine().raw_connection()
+    try:
+        cur = raw.cursor()
+        sink = _Sink()
+        t0 = time.perf_counter()
+        cur.copy_expert(
+            f"COPY (SELECT id::int8, {_select_features(schema)} FROM customers) "
+            "TO STDOUT (FORMAT binary)",
+            sink,
+        )
+        res.copy_out_s = time.perf_counter() - t0
+        data = sink.getvalue()
+        res.out_bytes = len(data)
+        ids, _ = pgcopy.read_float_rows(data, len(schema["features"]))
+        del data, sink
+        res.rows = len(ids)
+        scores = np.random.default_rng(0).random(len(ids))
+        stream = pgcopy.prediction_records(
+            run_id=uuid.uuid4().bytes,
+            entity_ids=ids,
+            model="churn",
+            version=version,
+            scores=scores,
+            labels=scores >= 0.5,
+            scored_at=datetime.now(UTC),
+        )
+        cur.execute("DROP TABLE IF EXISTS bench_floor")
+        cur.execute("CREATE TABLE bench_floor (LIKE predictions INCLUDING DEFAULTS)")
+        raw.commit()
+        t0 = time.perf_counter()
+        cur.copy_expert(
+            "COPY bench_floor (run_id, entity_id, model, version, score, label, "
+            "predicted_class, scored_at) FROM STDIN (FORMAT binary)",
+            io.BytesIO(stream),
+        )
+        raw.commit()
+        res.copy_in_s = time.perf_counter() - t0
+        cur.execute("DROP TABLE bench_floor")
+        raw.commit()
+    finally:
+        raw.close()
+    return res
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
 
 
 @dataclass
@@ -406,15 +472,15 @@ def run_tutorial(
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.score_bench",
-        description="Time a population score job of inferq against the tutorial loop.",
+        description="Time a population score job of inferq against its copy floor and the "
+        "tutorial loop, in one run.",
     )
     p.add_argument("--customers", type=int, default=1_000_000, help="rows to seed and score")
-    p.add_argument("--workers", type=int, default=2, help="worker pool processes (-c)")
     p.add_argument(
         "--chunk-rows",
         type=int,
         default=None,
-        help="INFERQ_SCORE_CHUNK_ROWS for the worker (default: inferq's own default)",
+        help="INFERQ_SCORE_CHUNK_ROWS for the stack (default: inferq's own default)",
     )
     p.add_argument("--tutorial-batch", type=int, default=10_000, help="LIMIT of the tutorial")
     p.add_argument(
@@ -424,12 +490,9 @@ def parse_args() -> argparse.Namespace:
         help="stop the tutorial after this many rows and take its rate on those "
         "(OFFSET paging is quadratic in the table size)",
     )
-    p.add_argument("--skip-tutorial", action="store_true", help="time inferq only")
+    p.add_argument("--skip-tutorial", action="store_true", help="no tutorial loop")
     p.add_argument(
         "--timeout", type=float, default=3600, help="give up on the score job after this many s"
-    )
-    p.add_argument(
-        "--keep-logs", type=Path, default=None, help="copy the worker and API logs to this dir"
     )
     return p.parse_args()
 
@@ -437,79 +500,51 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:  # noqa: C901 (one linear script)
     args = parse_args()
     base = Path(tempfile.mkdtemp(prefix="inferq-bench-"))
-    servers: list[Any] = []
+    stack: Any = None
     failed = False
     try:
-        # Servers and settings first: shared.config caches the settings on first import.
-        from shared.devstack.embedded import EmbeddedPostgres, EmbeddedRedis, isolated_env
+        from bench.load_bench import code_version, machine
+        from bench.own_model_bench import Stack, stack_env
+        from shared.devstack.embedded import free_port
 
-        db_url = os.environ.get("INFERQ_DATABASE_URL")
-        roots = [os.getpid()]  # an external database's CPU counts as another process's
-        if not db_url:
-            pg = EmbeddedPostgres(base / "pg", database="inferq_bench")
-            servers.append(pg)
-            db_url = pg.start()
-            roots.append(pg._server.get_pid() or 0)
-        redis_url = os.environ.get("INFERQ_REDIS_URL")
-        if not redis_url:
-            redis = EmbeddedRedis(base / "redis", appendonly=False)
-            servers.append(redis)
-            redis_url = redis.start()
-        env = isolated_env(
-            base,
-            database_url=db_url,
-            redis_url=redis_url,
-            prefix="iqbench",
-            api_key="iq_bench_" + secrets.token_hex(16),
-        )
-        env.update({"INFERQ_LOG_LEVEL": "INFO", "INFERQ_ENV": "development"})
+        header = machine()  # before the stack starts: the load average of a quiet machine
+        n = args.customers
+        env, _ = stack_env()
         if args.chunk_rows:
             env["INFERQ_SCORE_CHUNK_ROWS"] = str(args.chunk_rows)
-        os.environ.update(env)
-
-        from tqdm import tqdm
+        t0 = time.perf_counter()
+        print(f"# inferq up --customers {n} (seeds and trains churn) ...", file=sys.stderr)
+        stack = Stack.start(
+            base / "var", env, free_port(), free_port(), extra=("--customers", str(n))
+        )
+        stack.wait_ready(args.timeout)
+        seed_s = time.perf_counter() - t0
+        # This process reads the stack's database (the floor, the tutorial, the counts).
+        os.environ["INFERQ_DATABASE_URL"] = stack.database_url
+        os.environ["INFERQ_REDIS_URL"] = stack.redis_url
 
         from shared.config import get_settings
         from shared.db import get_engine, session_scope
-        from shared.devstack.cli import migrate_db
-        from shared.devstack.demo import seed_customers
-        from shared.models.registry import ModelCache
-        from shared.models.training import train
+        from shared.models.registry import ModelCache, production_versions
 
-        migrate_db()
-        n = args.customers
-        t0 = time.perf_counter()
-        with tqdm(total=n, unit="rows", desc="seeding customers", file=sys.stderr) as bar:
-            seed_customers(get_engine(), n, on_progress=bar.update)
-        seed_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
         with session_scope() as session:
-            trained = train(session, "churn", promote="always")
-        train_s = time.perf_counter() - t0
-        version = int(trained["version"])
-        with session_scope() as session:
+            version = production_versions(session)["churn"]
             runtime = ModelCache().get(session, "churn", version).runtime
-        chunk_rows = get_settings().score_chunk_rows
-        get_engine().dispose()
+        chunk_rows = int(args.chunk_rows or get_settings().score_chunk_rows)
+        postmaster = stack.postmaster()
+        roots = [os.getpid(), stack.pid] + ([postmaster] if postmaster else [])
+        time.sleep(5)  # the stack's start-up work settles (first beat ticks, model loads)
 
-        load_before = os.getloadavg()
-        print(
-            f"# setup done: seeded {n:,} in {seed_s:.1f} s, trained in {train_s:.1f} s; "
-            f"load average {load_before[0]:.2f}",
-            file=sys.stderr,
-        )
+        print("# floor: COPY out, COPY in ...", file=sys.stderr)
+        floor = run_floor(version)
+        get_engine().dispose()
         print("# inferq: score job ...", file=sys.stderr)
         inferq: InferqResult | None = None
         inferq_error = ""
         try:
-            inferq = run_inferq(base, n, args.workers, args.timeout, roots)
+            inferq = run_inferq(stack, n, args.timeout, roots)
         except Exception as exc:  # report, still run the tutorial
             inferq_error = f"{type(exc).__name__}: {exc}"
-        if args.keep_logs:
-            args.keep_logs.mkdir(parents=True, exist_ok=True)
-            for name in ("worker.log", "api.log"):
-                with contextlib.suppress(OSError):
-                    shutil.copy(base / name, args.keep_logs / name)
 
         tutorial: TutorialResult | None = None
         if not args.skip_tutorial:
@@ -518,14 +553,20 @@ def main() -> int:  # noqa: C901 (one linear script)
 
         # --- the figures ---------------------------------------------------------------
         print()
+        print(header)
+        print(code_version())
         print(
-            f"machine : {os.cpu_count()} cores, {cpu_model()}, "
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC (load avg before runs {load_before[0]:.2f})"
+            f"stack   : inferq up --customers {n:,} (defaults); ready after {seed_s:.1f} s, "
+            "seeding and training included (not part of the benchmark)"
         )
-        print(f"customers: {n:,}   (seeded in {seed_s:.1f} s; not part of the benchmark)")
         print(
             f"model   : churn v{version}; inferq workers run it on {runtime}, "
             f"the tutorial on scikit-learn predict_proba"
+        )
+        print(
+            f"floor   : {floor.seconds:7.2f} s  = COPY out {floor.copy_out_s:.2f} s "
+            f"({floor.rows:,} rows, {floor.out_bytes / 1e6:,.0f} MB) + COPY in "
+            f"{floor.copy_in_s:.2f} s (as many prediction rows, index-less table)"
         )
         if inferq is None or inferq.status != "succeeded":
             failed = True
@@ -546,9 +587,9 @@ def main() -> int:  # noqa: C901 (one linear script)
                 f"(parent {mb(inferq.parent_kb)})"
             )
             print(
-                f"          {args.workers} pool processes, {chunk_rows:,}-row chunks; "
-                f"pool process idle before the job {mb(inferq.idle_child_kb)}; "
-                f"{len(pool)} pool processes seen during the run"
+                f"          {len(inferq.children_end)} pool processes (score,ops worker), "
+                f"{chunk_rows:,}-row chunks; pool process idle before the job "
+                f"{mb(inferq.idle_child_kb)}; {len(pool)} pool processes seen during the run"
                 + (f" ({len(gone)} replaced mid-run)" if gone else "")
                 + f", max VmHWM of any {mb(max(pool.values(), default=None))}"
             )
@@ -558,6 +599,10 @@ def main() -> int:  # noqa: C901 (one linear script)
             )
             if inferq.cpu is not None:
                 print("          " + cpu_note(inferq.cpu))
+            print(
+                f"inferq / floor: {inferq.seconds / floor.seconds:.2f}x the floor's time "
+                "(target <= 1.5x)"
+            )
         if inferq is not None:
             print(
                 f"          worker log: {len(inferq.worker_problems)} warning/error lines; "
@@ -587,16 +632,16 @@ def main() -> int:  # noqa: C901 (one linear script)
                 print("          " + cpu_note(tutorial.cpu))
             if inferq is not None and inferq.status == "succeeded":
                 speedup = (n / inferq.seconds) / (tutorial.rows / tutorial.seconds)
-                print(f"speed-up: {speedup:.1f}x  (rows/s inferq / rows/s tutorial)")
+                print(f"speed-up: {speedup:.1f}x  (rows/s inferq / rows/s tutorial; target >= 8x)")
         if inferq is not None and inferq.status != "succeeded" or inferq_error:
             print("\nworker log tail:", file=sys.stderr)
             with contextlib.suppress(OSError):
-                lines = (base / "worker.log").read_text(errors="replace").splitlines()
-                print("\n".join(lines[-30:]), file=sys.stderr)
+                lines = (stack.data_dir / "logs" / "worker-jobs.log").read_text(errors="replace")
+                print("\n".join(lines.splitlines()[-30:]), file=sys.stderr)
     finally:
-        for server in reversed(servers):
-            with contextlib.suppress(Exception):
-                server.stop()
+        if stack is not None:
+            for note in stack.stop():
+                print(f"# inferq up: {note}", file=sys.stderr)
         shutil.rmtree(base, ignore_errors=True)
     return 1 if failed else 0
 
