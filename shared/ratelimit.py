@@ -14,6 +14,7 @@ token is at worst one the key did not get to use).
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from redis.asyncio import Redis
@@ -54,6 +55,7 @@ class TokenBucket:
     def __init__(self, redis: Redis) -> None:
         self._script = redis.register_script(_SCRIPT)
         self._leases: dict[str, tuple[int, float]] = {}  # key -> (tokens left, lapses at)
+        self._pending: dict[str, asyncio.Future[tuple[int, float] | None]] = {}
 
     @staticmethod
     def lease_size(rate: float, burst: int) -> int:
@@ -62,22 +64,38 @@ class TokenBucket:
         return max(1, min(int(rate * LEASE_S), burst // 10))
 
     async def allow(self, key: str, rate: float, burst: int) -> tuple[bool, float]:
-        now = time.monotonic()
-        left, lapses = self._leases.get(key, (0, 0.0))
-        if left > 0 and now < lapses:
-            self._leases[key] = (left - 1, lapses)
-            return True, 0.0
-        granted, wait = await self._script(
-            keys=[key], args=[rate, burst, time.time(), self.lease_size(rate, burst)]
-        )
-        granted = int(granted)
-        if granted <= 0:
-            return False, float(wait)
+        while True:
+            left, lapses = self._leases.get(key, (0, 0.0))
+            if left > 0 and time.monotonic() < lapses:
+                self._leases[key] = (left - 1, lapses)
+                return True, 0.0
+            pending = self._pending.get(key)
+            if pending is None:
+                break
+            # One lease asked for at a time per key: requests arriving meanwhile wait for
+            # it instead of each drawing a lease of their own (which would drain the
+            # bucket in leases that lapse unspent).
+            outcome = await asyncio.shield(pending)
+            if outcome is not None and outcome[0] <= 0:
+                return False, outcome[1]
+        fut: asyncio.Future[tuple[int, float] | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            granted, wait = await self._script(
+                keys=[key], args=[rate, burst, time.time(), self.lease_size(rate, burst)]
+            )
+        except BaseException:
+            fut.set_result(None)  # the waiters ask for themselves
+            raise
+        finally:
+            self._pending.pop(key, None)
+        granted, wait = int(granted), float(wait)
         if granted > 1:
             self._leases[key] = (granted - 1, time.monotonic() + LEASE_S)
         else:
             self._leases.pop(key, None)
+        fut.set_result((granted, wait))
         if len(self._leases) > 10_000:  # many keys: forget the lapsed leases
             now = time.monotonic()
             self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
-        return True, 0.0
+        return (True, 0.0) if granted > 0 else (False, wait)

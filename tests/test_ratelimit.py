@@ -78,3 +78,21 @@ def test_a_slow_key_is_counted_one_token_at_a_time() -> None:
             await redis.aclose()
 
     asyncio.run(run())
+
+
+def test_concurrent_requests_share_one_lease_request() -> None:
+    async def run() -> None:
+        redis = Redis.from_url(get_settings().redis_url)
+        try:
+            key = f"iqtest:rate:{uuid.uuid4().hex}"
+            bucket = TokenBucket(redis)
+            await bucket.allow(f"iqtest:rate:{uuid.uuid4().hex}", 1.0, 1)  # script loaded
+            before = await _calls(redis)
+            # 200 requests at once, a lease of 100: two or three calls, not 200.
+            results = await asyncio.gather(*(bucket.allow(key, 2000.0, 4000) for _ in range(200)))
+            assert all(ok for ok, _ in results)
+            assert await _calls(redis) - before <= 3
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
