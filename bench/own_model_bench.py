@@ -240,8 +240,10 @@ class Stack:
     def load_key(self, rate: float = LOAD_KEY_RATE) -> str:
         """A key of its own for a load generator, whose rate admits the load: the rate
         limit stays on and is checked on every request, as for any tenant, but the dev
-        key's default (INFERQ_RATE_LIMIT_PER_S) would turn a benchmark's load into 429s."""
-        return self.cli("keys", "create", "--tenant", "bench", "--rate", f"{rate:g}").strip()
+        key's default (INFERQ_RATE_LIMIT_PER_S) would turn a benchmark's load into 429s.
+        Same tenant as the dev key, so it sees the same rows and jobs."""
+        # The dev key's tenant, "default": the demo rows are its own.
+        return self.cli("keys", "create", "--tenant", "default", "--rate", f"{rate:g}").strip()
 
     def postmaster(self) -> int | None:
         """The embedded postmaster's pid (pg_ctl starts it outside our process tree)."""

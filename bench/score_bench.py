@@ -229,6 +229,24 @@ def log_problems(path: Path) -> list[str]:
 # --- the two engines ---------------------------------------------------------------------
 
 
+def wait_quiet(timeout: float) -> float:
+    """Seconds waited until no job is queued or running."""
+    from sqlalchemy import text
+
+    from shared.db import session_scope
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with session_scope() as session:
+            busy = session.execute(
+                text("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
+            ).scalar_one()
+        if not busy:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise RuntimeError(f"jobs still queued or running after {timeout:.0f} s")
+
+
 def count_predictions(run_id: str) -> tuple[int, int]:
     from sqlalchemy import text
 
@@ -533,7 +551,12 @@ def main() -> int:  # noqa: C901 (one linear script)
         chunk_rows = int(args.chunk_rows or get_settings().score_chunk_rows)
         postmaster = stack.postmaster()
         roots = [os.getpid(), stack.pid] + ([postmaster] if postmaster else [])
-        time.sleep(5)  # the stack's start-up work settles (first beat ticks, model loads)
+        # The stack's start-up work settles first: beat catches up today's nightly run over
+        # the same table (inferq up's default), models load.
+        waited = wait_quiet(args.timeout)
+        if waited:
+            print(f"# waited {waited:.1f} s for the stack's own jobs to end", file=sys.stderr)
+        time.sleep(3)
 
         print("# floor: COPY out, COPY in ...", file=sys.stderr)
         floor = run_floor(version)

@@ -1,5 +1,6 @@
 """One chunk of a score run: its rows streamed out of the feature table with a COPY,
-predicted in one call, and COPYed back into the run's partition of ``predictions`` in the
+predicted in one call, and COPYed back into the run's own table (its partition of
+``predictions`` once the run closes, see ``shared.scoring.partitions``) in the
 transaction that marks the chunk done, under the chunk's row lock (a chunk delivered
 twice writes once)."""
 
@@ -18,6 +19,7 @@ from shared.models.encoding import model_input
 from shared.models.features import FeatureTable, quote
 from shared.models.registry import LoadedModel
 from shared.scoring import pgcopy
+from shared.scoring.partitions import partition_name
 from shared.scoring.plan import HIST_BINS, _where
 
 
@@ -157,8 +159,8 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
                 scored_at=datetime.now(UTC),
             )
             cur.copy_expert(
-                "COPY predictions (run_id, entity_id, model, version, score, label, "
-                "predicted_class, scored_at) FROM STDIN (FORMAT binary)",
+                f'COPY "{partition_name(run_id)}" (run_id, entity_id, model, version, score, '
+                "label, predicted_class, scored_at) FROM STDIN (FORMAT binary)",
                 _Source(stream),
             )
             if model.kind == "classifier":  # probabilities: a fixed 0..1 histogram

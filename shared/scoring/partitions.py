@@ -1,5 +1,13 @@
 """``predictions`` is partitioned by run: each score run writes into a partition of its
-own, and an old run is dropped whole (retention) instead of deleted row by row."""
+own, and an old run is dropped whole (retention) instead of deleted row by row.
+
+A score run writes into its partition while it is a table of its own, with no index and
+not yet attached (``create_partition``): a row costs its COPY and nothing else, where
+each row into an attached partition also went into its two indexes. The chunk that
+completes the run builds the indexes once, in bulk, and attaches the table
+(``attach_partition``), in the transaction that closes the run: readers of
+``predictions`` see a run whole or not at all. The table's CHECK constraint on its run
+id lets the attach skip the scan that would prove it."""
 
 from __future__ import annotations
 
@@ -32,6 +40,22 @@ _DETACH_STATE = Statement(
 )
 
 
+_EXISTS = Statement(
+    "inferq_partition_exists",
+    ("text",),
+    "SELECT 1 WHERE to_regclass($1) IS NOT NULL",
+    prepare=False,
+)
+_HAS_PK = Statement(
+    "inferq_partition_pk",
+    ("text",),
+    "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype = 'p'",
+    prepare=False,
+)
+#: For the index builds at a run's close: a million rows' sort fits in memory.
+MAINTENANCE_WORK_MEM = "256MB"
+
+
 def _ddl(text: str, types: tuple[str, ...] = ()) -> Statement:
     return Statement("inferq_partition_ddl", types, text, prepare=False)
 
@@ -47,6 +71,71 @@ def ensure_partition(conn: Connection, run_id: uuid.UUID) -> None:
     sql.run(
         conn,
         (_ddl(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)'), ()),
+        (
+            _ddl(
+                f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN ($1)', ("uuid",)
+            ),
+            (str(run_id),),
+        ),
+    )
+
+
+def create_partition(conn: Connection, run_id: uuid.UUID) -> None:
+    """The run's table to write into, shaped like ``predictions``, with no index and not
+    attached (see the module doc); nothing if it is there."""
+    name = partition_name(run_id)
+    if sql.run(conn, (_EXISTS, (name,))):
+        return
+    sql.run(
+        conn,
+        (_ddl(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)'), ()),
+        (
+            _ddl(
+                f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_run" '
+                f"CHECK (run_id IS NOT NULL AND run_id = '{run_id}'::uuid)"
+            ),
+            (),
+        ),
+    )
+
+
+def attach_partition(conn: Connection, run_id: uuid.UUID) -> None:
+    """Build the run's indexes (those of ``predictions``: its primary key and the latest
+    score per entity) and attach its table; nothing if it is attached. In the caller's
+    transaction."""
+    name = partition_name(run_id)
+    if sql.run(conn, (_ATTACHED, (name,))):
+        return
+    sql.run(
+        conn,
+        (_ddl(f"SET LOCAL maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'"), ()),
+        (
+            _ddl(
+                f'CREATE UNIQUE INDEX IF NOT EXISTS "{name}_pkey" ON "{name}" (run_id, entity_id)'
+            ),
+            (),
+        ),
+        (
+            _ddl(
+                f'CREATE INDEX IF NOT EXISTS "{name}_entity_latest" '
+                f'ON "{name}" (entity_id, scored_at DESC)'
+            ),
+            (),
+        ),
+    )
+    if not sql.run(conn, (_HAS_PK, (name,))):
+        sql.run(
+            conn,
+            (
+                _ddl(
+                    f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_pkey" '
+                    f'PRIMARY KEY USING INDEX "{name}_pkey"'
+                ),
+                (),
+            ),
+        )
+    sql.run(
+        conn,
         (
             _ddl(
                 f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN ($1)', ("uuid",)

@@ -22,7 +22,7 @@ from shared.models.features import FeatureTable, quote
 from shared.models.registry import get_version
 from shared.models.schema import check_value
 from shared.orm import Job, Prediction, ScoringChunk, ScoringRun
-from shared.scoring.partitions import ensure_partition
+from shared.scoring.partitions import attach_partition, create_partition
 from shared.sql import Statement
 
 __all__ = [
@@ -154,7 +154,7 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
                 ScoringChunk(run_id=run.id, chunk=i, lo=int(bounds[i]), hi=int(bounds[i + 1]) - 1)
                 for i in range(n)
             )
-        ensure_partition(conn, run.id)
+        create_partition(conn, run.id)
         run.chunks_total, run.rows_total = n, total
         job_row = session.get(Job, job.id)
         if job_row is not None:
@@ -180,6 +180,7 @@ def finalize(session: Session, run_id: uuid.UUID, *, public_url: str = "") -> di
     )
     if pending:
         return None
+    attach_partition(session.connection(), run_id)  # its rows become readable with the run
     hists = session.scalars(select(ScoringChunk.histogram).where(ScoringChunk.run_id == run_id))
     counts = np.sum([h for h in hists if h] or [[0] * HIST_BINS], axis=0).tolist()
     now = datetime.now(UTC)
