@@ -124,7 +124,7 @@ SETTLE = Statement(
     "inferq_settle",
     ("uuid[]", "text[]", "jsonb[]", "jsonb[]", "jsonb[]"),
     """UPDATE jobs AS j SET status = v.status, result = v.result, error = v.error,
-           progress = COALESCE(v.progress, j.progress), finished_at = now()
+           progress = COALESCE(v.progress, j.progress), finished_at = statement_timestamp()
     FROM unnest($1, $2, $3, $4, $5) AS v(id, status, result, error, progress)
     WHERE j.id = v.id AND j.status = 'running'
     RETURNING j.id, j.finished_at""",

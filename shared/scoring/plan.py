@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -180,7 +181,9 @@ def finalize(session: Session, run_id: uuid.UUID, *, public_url: str = "") -> di
     )
     if pending:
         return None
+    t0 = time.perf_counter()
     attach_partition(session.connection(), run_id)  # its rows become readable with the run
+    log.info("run %s: indexed and attached in %.2f s", run_id, time.perf_counter() - t0)
     hists = session.scalars(select(ScoringChunk.histogram).where(ScoringChunk.run_id == run_id))
     counts = np.sum([h for h in hists if h] or [[0] * HIST_BINS], axis=0).tolist()
     now = datetime.now(UTC)
