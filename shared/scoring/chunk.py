@@ -7,6 +7,8 @@ twice writes once)."""
 from __future__ import annotations
 
 import io
+import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +23,8 @@ from shared.models.registry import LoadedModel
 from shared.scoring import pgcopy
 from shared.scoring.partitions import partition_name
 from shared.scoring.plan import HIST_BINS, _where
+
+log = logging.getLogger(__name__)
 
 
 def _binary_readable(schema: dict[str, Any]) -> bool:
@@ -141,12 +145,16 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
         def query_of(columns: str) -> str:
             return f"SELECT {columns} FROM {ft.sql_name} {condition}"
 
+        t_read = time.perf_counter()
         ids, X = _read_chunk(cur, model, query_of)
         n = len(ids)
+        t_predict = time.perf_counter()
+        t_write = t_predict
         hist = [0] * HIST_BINS
         if n:
             out = model.predict(X)
             del X
+            t_write = time.perf_counter()
             multiclass = out.proba is not None
             stream = pgcopy.prediction_records(
                 run_id=run_id.bytes,
@@ -183,6 +191,15 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
             (done, total, str(run_id)),
         )
         raw.commit()
+        t_end = time.perf_counter()
+        log.info(
+            "chunk %d: %d rows, read %.3f s, predict %.3f s, write and commit %.3f s",
+            chunk,
+            n,
+            t_predict - t_read,
+            t_write - t_predict,
+            t_end - t_write,
+        )
         return ChunkOutcome.SCORED
     except BaseException:
         raw.rollback()
