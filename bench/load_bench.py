@@ -1155,7 +1155,11 @@ def comparison(targets: list[Target], runs: dict[str, list[PhaseResult]]) -> str
     lines = ["== comparison (same run) =="]
     lines.append(
         "  same model: the test suite's churn row scores "
-        + ", ".join(f"{t.name} {t.check:.6f}" for t in targets if t.check is not None)
+        + ", ".join(
+            f"{t.name} {t.check:.6f}"
+            for t in targets
+            if t.check is not None and t.name != "floor"  # the floor has no model
+        )
     )
     if rate.get("naive"):
         lines.append(

@@ -8,9 +8,10 @@ models users bring look like ``tests.factories.gbt_pipeline``: a ColumnTransform
 OneHotEncoder on string columns and a HistGradientBoostingClassifier, fitted on a pandas
 DataFrame, registered through the API as a skops file and scored over a table of their
 own. This measures what such a model gets from ``inferq up`` with its defaults (embedded
-PostgreSQL and Redis, api, worker, beat and Flower, INFO logs, the dev key and its default
-rate limit), and holds every figure against the same pipeline's bare ``predict_proba`` in
-this process on the same rows, so the cost of the service around the model shows:
+PostgreSQL and Redis, api, worker, beat and Flower, INFO logs, the rate limit on: the
+online load uses a key of its own whose rate admits it), and holds every figure against
+the same pipeline's bare ``predict_proba`` in this process on the same rows, so the
+cost of the service around the model shows:
 
 1. Setup (not timed): ``inferq up`` in a temporary data directory; fit
    ``gbt_pipeline(accounts(20000))``; create ``bench_accounts`` in the stack's database and
@@ -762,12 +763,10 @@ def report(run: Run) -> str:  # noqa: C901 - one section per phase, each optiona
         f"args: --rows {args.rows} --clients {args.clients} --duration {args.duration:g} "
         f"--bare-rows {args.bare_rows}"
     )
-    limit = Settings.model_fields["rate_limit_per_s"].default
-    burst = Settings.model_fields["rate_limit_burst"].default
     out.append(
         "stack   : inferq up with its defaults: embedded PostgreSQL and Redis; api, worker "
         f"(-c {Settings.model_fields['worker_concurrency'].default}), beat, flower; INFO logs; "
-        f"the dev key, rate limit {limit:g} requests/s (burst {burst}); "
+        f"rate limit on, the online load's own key at {LOAD_KEY_RATE:,.0f} requests/s; "
         + (f"ready {run.ready_s:.0f} s after start" if run.ready_s else "never ready")
         + (
             f"; removed from its environment: {', '.join(run.dropped_env)}"
