@@ -343,7 +343,7 @@ def run_floor(version: int) -> FloorResult:
     from shared.db import get_engine, session_scope
     from shared.models.registry import ModelCache
     from shared.scoring import pgcopy
-    from shared.scoring.chunk import _select_features
+    from shared.scoring.chunk import _select_features, _Sink
 
     with session_scope() as session:
         schema = ModelCache().get(session, "churn", version).schema
@@ -390,18 +390,6 @@ def run_floor(version: int) -> FloorResult:
     finally:
         raw.close()
     return res
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self.parts.append(bytes(data))
-        return len(data)
-
-    def getvalue(self) -> bytes:
-        return b"".join(self.parts)
 
 
 @dataclass
