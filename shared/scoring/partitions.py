@@ -60,24 +60,26 @@ def _ddl(text: str, types: tuple[str, ...] = ()) -> Statement:
     return Statement("inferq_partition_ddl", types, text, prepare=False)
 
 
-def ensure_partition(conn: Connection, run_id: uuid.UUID) -> None:
-    """Create and attach the run's partition unless it is there. Created on its own, then
-    attached: attaching locks ``predictions`` only against other attaches and detaches
-    (SHARE UPDATE EXCLUSIVE), where ``CREATE TABLE ... PARTITION OF`` would block every
-    reader of the table for the moment (ACCESS EXCLUSIVE)."""
-    name = partition_name(run_id)
-    if sql.run(conn, (_ATTACHED, (name,))):
-        return
-    sql.run(
-        conn,
-        (_ddl(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)'), ()),
-        (
-            _ddl(
-                f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN ($1)', ("uuid",)
-            ),
-            (str(run_id),),
-        ),
+def _create(name: str) -> tuple[Statement, tuple[()]]:
+    return _ddl(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)'), ()
+
+
+def _attach(name: str, run_id: uuid.UUID) -> tuple[Statement, tuple[str]]:
+    """Attaching locks ``predictions`` only against other attaches and detaches (SHARE
+    UPDATE EXCLUSIVE), where ``CREATE TABLE ... PARTITION OF`` would block every reader of
+    the table for the moment (ACCESS EXCLUSIVE)."""
+    statement = _ddl(
+        f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN ($1)', ("uuid",)
     )
+    return statement, (str(run_id),)
+
+
+def ensure_partition(conn: Connection, run_id: uuid.UUID) -> None:
+    """Create and attach the run's partition (indexed as ``predictions`` is) unless it is
+    there: for rows written outside a score run."""
+    name = partition_name(run_id)
+    if not sql.run(conn, (_ATTACHED, (name,))):
+        sql.run(conn, _create(name), _attach(name, run_id))
 
 
 def create_partition(conn: Connection, run_id: uuid.UUID) -> None:
@@ -86,17 +88,11 @@ def create_partition(conn: Connection, run_id: uuid.UUID) -> None:
     name = partition_name(run_id)
     if sql.run(conn, (_EXISTS, (name,))):
         return
-    sql.run(
-        conn,
-        (_ddl(f'CREATE TABLE IF NOT EXISTS "{name}" (LIKE predictions INCLUDING DEFAULTS)'), ()),
-        (
-            _ddl(
-                f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_run" '
-                f"CHECK (run_id IS NOT NULL AND run_id = '{run_id}'::uuid)"
-            ),
-            (),
-        ),
+    check = _ddl(
+        f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_run" '
+        f"CHECK (run_id IS NOT NULL AND run_id = '{run_id}'::uuid)"
     )
+    sql.run(conn, _create(name), (check, ()))
 
 
 def attach_partition(conn: Connection, run_id: uuid.UUID) -> None:
@@ -106,43 +102,18 @@ def attach_partition(conn: Connection, run_id: uuid.UUID) -> None:
     name = partition_name(run_id)
     if sql.run(conn, (_ATTACHED, (name,))):
         return
-    sql.run(
-        conn,
-        (_ddl(f"SET LOCAL maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'"), ()),
-        (
-            _ddl(
-                f'CREATE UNIQUE INDEX IF NOT EXISTS "{name}_pkey" ON "{name}" (run_id, entity_id)'
-            ),
-            (),
-        ),
-        (
-            _ddl(
-                f'CREATE INDEX IF NOT EXISTS "{name}_entity_latest" '
-                f'ON "{name}" (entity_id, scored_at DESC)'
-            ),
-            (),
-        ),
-    )
+    statements = [
+        f"SET LOCAL maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'",
+        f'CREATE UNIQUE INDEX IF NOT EXISTS "{name}_pkey" ON "{name}" (run_id, entity_id)',
+        f'CREATE INDEX IF NOT EXISTS "{name}_entity_latest" ON "{name}" '
+        "(entity_id, scored_at DESC)",
+    ]
+    sql.run(conn, *((_ddl(text), ()) for text in statements))
     if not sql.run(conn, (_HAS_PK, (name,))):
-        sql.run(
-            conn,
-            (
-                _ddl(
-                    f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_pkey" '
-                    f'PRIMARY KEY USING INDEX "{name}_pkey"'
-                ),
-                (),
-            ),
-        )
-    sql.run(
-        conn,
-        (
-            _ddl(
-                f'ALTER TABLE predictions ATTACH PARTITION "{name}" FOR VALUES IN ($1)', ("uuid",)
-            ),
-            (str(run_id),),
-        ),
-    )
+        pk = f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_pkey" '
+        pk += f'PRIMARY KEY USING INDEX "{name}_pkey"'
+        sql.run(conn, (_ddl(pk), ()))
+    sql.run(conn, _attach(name, run_id))
 
 
 def drop_partition(run_id: uuid.UUID) -> bool:
