@@ -170,7 +170,14 @@ def migrate_db() -> None:
     from alembic import command
     from alembic.config import Config
 
-    root = Path(__file__).resolve().parents[2]
+    # A checkout holds migrations/ beside the packages; an installed package (the image)
+    # runs from the directory that holds them.
+    checkout = Path(__file__).resolve().parents[2]
+    root = next((d for d in (checkout, Path.cwd()) if (d / "migrations" / "env.py").exists()), None)
+    if root is None:
+        raise click.ClickException(
+            f"no migrations/ in {checkout} or {Path.cwd()}: run from the directory that holds them"
+        )
     ini = root / "alembic.ini"
     cfg = Config(str(ini)) if ini.exists() else Config()
     cfg.set_main_option("script_location", str(root / "migrations"))
