@@ -141,7 +141,7 @@ if pullable "${base_images[0]}" && pullable "${base_images[1]}" && pullable "${b
     say "    the default images pull: ${base_images[*]}"
 else
     say "    the default images cannot be pulled: building Debian-based stand-ins (compose/offline/build.sh)"
-    bash compose/offline/build.sh 2>&1 | grep -E '^(\[offline\]|Step )' | sed 's/^/    /'
+    bash compose/offline/build.sh 2>&1 | grep --line-buffered -E '^(\[offline\]|Step )' | sed 's/^/    /'
     cat >>"$env_file" <<EOF
 INFERQ_BASE_IMAGE=inferq-offline/python:3.11
 INFERQ_POSTGRES_IMAGE=inferq-offline/postgres:15
@@ -234,7 +234,8 @@ while [ -z "$victim" ]; do
     if [ "$(jget "$work/out" status)" = succeeded ]; then
         fail "the run ended before a worker could be killed: seed more customers"
     fi
-    if [ "$done_rows" -gt 0 ]; then
+    running=$(sql "SELECT count(*) FROM scoring_chunks WHERE run_id = '$id' AND attempts >= 1 AND done_at IS NULL")
+    if [ "$done_rows" -gt 0 ] && [ "$running" -gt 0 ]; then
         for c in $(compose ps -q jobs-worker); do
             if [ "$(holding "$c")" -gt 0 ]; then victim=$c && break; fi
         done
@@ -247,8 +248,10 @@ wait_job "$id" 600
 run_id=$(jget "$work/job" result run_id)
 counts=$(sql "SELECT count(*), count(DISTINCT entity_id) FROM predictions WHERE run_id = '$run_id'")
 [ "$counts" = "$customers|$customers" ] || fail "run $run_id wrote (rows|entities) $counts, expected $customers each"
-resent=$(sql "SELECT count(*) FROM scoring_chunks WHERE run_id = '$run_id' AND attempts > 1")
-say "    the run ended $(jget "$work/job" status): one row per customer ($counts), $resent chunk(s) run again"
+twice=$(sql "SELECT count(*) FROM scoring_chunks WHERE run_id = '$run_id' AND attempts > 1")
+resent=$(compose logs jobs-worker 2>&1 | awk -v run="$run_id" 'index($0, run) && match($0, /sent its [0-9]+ undone/) {
+    split(substr($0, RSTART, RLENGTH), w, " "); n += w[3] } END { print n + 0 }')
+say "    the run ended $(jget "$work/job" status): one row per customer ($counts); the sweeper sent $resent chunk(s) again, $twice started twice"
 
 step "Flower refuses requests without credentials"
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$flower_port/api/workers")
