@@ -7,12 +7,12 @@
 #
 # Each step prints its name, what it saw and the seconds it took; the first failure stops
 # the run (exit 1) and the stack is taken down either way, volumes included.
-# INFERQ_SMOKE_CUSTOMERS (default 300000) sizes the seeded table; INFERQ_SMOKE_KEEP=1
+# INFERQ_SMOKE_CUSTOMERS (default 500000) sizes the seeded table; INFERQ_SMOKE_KEEP=1
 # leaves the stack up for a look (then take it down yourself with the printed command).
 set -Eeuo pipefail
 
 cd "$(dirname "$0")/.."
-customers=${INFERQ_SMOKE_CUSTOMERS:-300000}
+customers=${INFERQ_SMOKE_CUSTOMERS:-500000}
 project=inferq-smoke-$(date +%s)
 work=$(mktemp -d)
 chmod 700 "$work"
@@ -235,7 +235,7 @@ while [ -z "$victim" ]; do
         fail "the run ended before a worker could be killed: seed more customers"
     fi
     running=$(sql "SELECT count(*) FROM scoring_chunks WHERE run_id = '$id' AND attempts >= 1 AND done_at IS NULL")
-    if [ "$done_rows" -gt 0 ] && [ "$running" -gt 0 ]; then
+    if [ "$running" -gt 0 ]; then
         for c in $(compose ps -q jobs-worker); do
             if [ "$(holding "$c")" -gt 0 ]; then victim=$c && break; fi
         done
