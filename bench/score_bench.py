@@ -226,6 +226,50 @@ def log_problems(path: Path) -> list[str]:
     return [line for line in lines if any(m in line for m in marks)]
 
 
+def run_timeline(path: Path, job_id: str) -> str:
+    """Where a run's time went, from the workers' own log lines about it: the chunks'
+    read, predict and write seconds (summed over the pool processes), and the index build
+    and attach at the close."""
+    import json
+    import re
+
+    read = predict = write = close = 0.0
+    chunks = 0
+    first = last = None
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no worker log"
+    for line in lines:
+        if job_id not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            message = entry.get("message", "")
+            stamp = datetime.strptime(entry["ts"], "%Y-%m-%d %H:%M:%S,%f")
+            first = first or stamp
+            m = re.match(
+                r"chunk \d+: \d+ rows, read ([\d.]+) s, predict ([\d.]+) s, "
+                r"write and commit ([\d.]+) s",
+                message,
+            )
+            if m:
+                chunks += 1
+                read += float(m[1])
+                predict += float(m[2])
+                write += float(m[3])
+                last = stamp
+            m = re.search(r"indexed and attached in ([\d.]+) s", message)
+            if m:
+                close = float(m[1])
+    span = f"{(last - first).total_seconds():.2f} s" if first and last else "?"
+    return (
+        f"timeline: {chunks} chunks in {span} of wall time (first log line to last chunk), "
+        f"summed over processes read {read:.2f} s, predict {predict:.2f} s, write and "
+        f"commit {write:.2f} s; index build and attach at the close {close:.2f} s"
+    )
+
+
 # --- the two engines ---------------------------------------------------------------------
 
 
@@ -275,6 +319,7 @@ class InferqResult:
     worker_problems: list[str] = field(default_factory=list)
     api_problems: list[str] = field(default_factory=list)
     cpu: CpuAccount | None = None
+    timeline: str = ""
 
 
 def run_inferq(stack: Any, n: int, timeout: float, roots: list[int]) -> InferqResult:
@@ -319,6 +364,8 @@ def run_inferq(stack: Any, n: int, timeout: float, roots: list[int]) -> InferqRe
     finally:
         logs = stack.data_dir / "logs"
         res.worker_problems = log_problems(logs / "worker-jobs.log")
+        if res.job:
+            res.timeline = run_timeline(logs / "worker-jobs.log", res.job["id"])
         res.api_problems = log_problems(logs / "api.log")
 
 
@@ -610,6 +657,7 @@ def main() -> int:  # noqa: C901 (one linear script)
             )
             if inferq.cpu is not None:
                 print("          " + cpu_note(inferq.cpu))
+            print("          " + inferq.timeline)
             print(
                 f"inferq / floor: {inferq.seconds / floor.seconds:.2f}x the floor's time "
                 "(target <= 1.5x)"
