@@ -30,23 +30,25 @@ if ! have "$root_tag"; then
     rm -f "$tarball"
 fi
 
-build() {  # tag, directory
+build() {  # tag, build context
     have "$1" && { say "$1: present"; return; }
     say "$1: building"
-    docker build --network host --build-arg "ROOT=$root_tag" -t "$1" "$here/$2"
+    docker build --network host --build-arg "ROOT=$root_tag" -t "$1" "$2"
 }
 
 # pip inside builds on this host verifies the registry with the host's CA bundle (the
-# file PIP_CERT names, if any): it is copied into the python image and named there.
-cert=${PIP_CERT:-}
-if [ -n "$cert" ] && [ -f "$cert" ]; then
-    cp "$cert" "$here/python/host-ca.crt"
+# file PIP_CERT names, if any): it goes into the python image, from a build context of
+# its own so that it never lands in the checkout.
+context=$(mktemp -d)
+trap 'rm -rf "$context"' EXIT
+cp "$here/python/Dockerfile" "$context/"
+if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ]; then
+    cp "$PIP_CERT" "$context/host-ca.crt"
 else
-    : >"$here/python/host-ca.crt"
+    : >"$context/host-ca.crt"
 fi
-build inferq-offline/python:3.11 python
-rm -f "$here/python/host-ca.crt"
-build inferq-offline/postgres:15 postgres
-build inferq-offline/redis:7 redis
-build inferq-offline/prometheus:2 prometheus
+build inferq-offline/python:3.11 "$context"
+build inferq-offline/postgres:15 "$here/postgres"
+build inferq-offline/redis:7 "$here/redis"
+build inferq-offline/prometheus:2 "$here/prometheus"
 say "done"
