@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -230,9 +232,6 @@ def run_timeline(path: Path, job_id: str) -> str:
     """Where a run's time went, from the workers' own log lines about it: the chunks'
     read, predict and write seconds (summed over the pool processes), and the index build
     and attach at the close."""
-    import json
-    import re
-
     read = predict = write = close = 0.0
     chunks = 0
     first = last = None

@@ -52,12 +52,9 @@ def test_published_services_listen_beyond_their_container(service: str) -> None:
     Service (Flower did, until the smoke run found its connections reset)."""
     docs = yaml.safe_load_all((COMPOSE / "kubernetes" / "base" / f"{service}.yaml").read_text())
     kube = next(d for d in docs if d and d["kind"] == "Deployment")
-    for command in (SERVICES[service]["command"], _containers(kube)[0]["command"]):
+    pod = kube["spec"]["template"]["spec"]["containers"][0]
+    for command in (SERVICES[service]["command"], pod["command"]):
         assert command[command.index("--host") + 1] == "0.0.0.0", command
-
-
-def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(doc["spec"]["template"]["spec"]["containers"])
 
 
 def test_secrets_come_from_the_environment_and_are_required() -> None:
