@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Text,
@@ -294,19 +295,22 @@ class ScoringChunk(Base):
 
 
 class Prediction(Base):
-    """A score job's row; (run_id, entity_id) is unique so a chunk run twice writes nothing new.
+    """A score job's row. Its rows carry the run's start as ``scored_at`` (the partition's
+    CHECK holds them to it), so the key (entity_id, scored_at, run_id) is unique per entity
+    and run, a chunk run twice cannot write twice, and an entity's latest score is one
+    backward probe per run's partition.
 
     Partitioned by run: each run has a partition of its own (``shared.scoring.partitions``), dropped
     whole when retention ends the run."""
 
     __tablename__ = "predictions"
     __table_args__ = (
-        Index("ix_predictions_entity_latest", "entity_id", text("scored_at DESC")),
+        PrimaryKeyConstraint("entity_id", "scored_at", "run_id"),
         {"postgresql_partition_by": "LIST (run_id)"},
     )
 
-    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    entity_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    entity_id: Mapped[int] = mapped_column(BigInteger)
     model: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Double)

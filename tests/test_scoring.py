@@ -260,6 +260,44 @@ def test_latest_score_is_one_indexed_query(stack: Stack) -> None:
     assert "Index Scan" in plan and "Seq Scan" not in plan, plan
 
 
+def test_a_runs_table_holds_one_row_per_customer_scored_as_of_the_run(stack: Stack) -> None:
+    """The run's table refuses a row scored at another time than the run's start, and a
+    second row for a customer fails the close (the index build), never passes."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy.exc
+
+    from shared.scoring.partitions import attach_partition, create_partition, partition_name
+
+    run_id, started = uuid.uuid4(), datetime.now(UTC)
+    name = partition_name(run_id)
+    insert = text(
+        f'INSERT INTO "{name}" (run_id, entity_id, model, version, score, scored_at) '
+        "VALUES (:r, :e, 'churn', 1, 0.5, :t)"
+    )
+    try:
+        with session_scope() as session:
+            create_partition(session.connection(), run_id, started)
+        late = {"r": run_id, "e": 1, "t": started + timedelta(seconds=1)}
+        refused = pytest.raises(sqlalchemy.exc.IntegrityError, match="check constraint")
+        with refused, session_scope() as session:
+            session.execute(insert, late)
+        twice = pytest.raises(sqlalchemy.exc.IntegrityError, match="could not create unique index")
+        with twice, session_scope() as session:
+            for _ in range(2):
+                session.execute(insert, {"r": run_id, "e": 1, "t": started})
+            attach_partition(session.connection(), run_id)
+        with session_scope() as session:  # nothing of it was attached
+            attached = session.execute(
+                text("SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass(:n)"),
+                {"n": name},
+            ).scalar()
+        assert attached == 0
+    finally:
+        with session_scope() as session:
+            session.execute(text(f'DROP TABLE IF EXISTS "{name}"'))
+
+
 def _cli_submit(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     from tests.conftest import ROOT
 

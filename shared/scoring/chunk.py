@@ -10,7 +10,6 @@ import io
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -117,12 +116,13 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
     try:
         cur = raw.cursor()
         cur.execute(
-            "SELECT c.lo, c.hi, c.done_at, r.segment, j.status, j.tenant FROM scoring_chunks c "
+            "SELECT c.lo, c.hi, c.done_at, r.segment, r.started_at, j.status, j.tenant "
+            "FROM scoring_chunks c "
             "JOIN scoring_runs r ON r.id = c.run_id JOIN jobs j ON j.id = r.job_id "
             "WHERE c.run_id = %s AND c.chunk = %s FOR UPDATE OF c",
             (str(run_id), chunk),
         )
-        lo, hi, done_at, segment, status, tenant = cur.fetchone()  # type: ignore[misc]
+        lo, hi, done_at, segment, started_at, status, tenant = cur.fetchone()  # type: ignore[misc]
         if done_at is not None:
             raw.rollback()
             return ChunkOutcome.ALREADY_DONE
@@ -164,7 +164,7 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
                 scores=out.scores,
                 labels=None if multiclass else out.labels,
                 classes=out.labels if multiclass else None,
-                scored_at=datetime.now(UTC),
+                scored_at=started_at,  # a run's rows are scored as of its start
             )
             cur.copy_expert(
                 f'COPY "{partition_name(run_id)}" (run_id, entity_id, model, version, score, '

@@ -3,8 +3,8 @@ own, and an old run is dropped whole (retention) instead of deleted row by row.
 
 A score run writes into its partition while it is a table of its own, with no index and
 not yet attached (``create_partition``): a row costs its COPY and nothing else, where
-each row into an attached partition also went into its two indexes. The chunk that
-completes the run builds the indexes once, in bulk, and attaches the table
+each row into an attached partition also went into its index. The chunk that
+completes the run builds the index once, in bulk, and attaches the table
 (``attach_partition``), in the transaction that closes the run: readers of
 ``predictions`` see a run whole or not at all. The table's CHECK constraint on its run
 id lets the attach skip the scan that would prove it."""
@@ -12,6 +12,7 @@ id lets the attach skip the scan that would prove it."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from sqlalchemy import Connection
 
@@ -82,31 +83,32 @@ def ensure_partition(conn: Connection, run_id: uuid.UUID) -> None:
         sql.run(conn, _create(name), _attach(name, run_id))
 
 
-def create_partition(conn: Connection, run_id: uuid.UUID) -> None:
+def create_partition(conn: Connection, run_id: uuid.UUID, started_at: datetime) -> None:
     """The run's table to write into, shaped like ``predictions``, with no index and not
-    attached (see the module doc); nothing if it is there."""
+    attached (see the module doc); nothing if it is there. Its CHECK holds its rows to the
+    run's id and to the run's start as their ``scored_at``: within the table the primary key
+    (entity_id, scored_at, run_id) is then unique exactly when ``entity_id`` is."""
     name = partition_name(run_id)
     if sql.run(conn, (_EXISTS, (name,))):
         return
     check = _ddl(
         f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_run" '
-        f"CHECK (run_id IS NOT NULL AND run_id = '{run_id}'::uuid)"
+        f"CHECK (run_id IS NOT NULL AND run_id = '{run_id}'::uuid "
+        f"AND scored_at = '{started_at.isoformat()}'::timestamptz)"
     )
     sql.run(conn, _create(name), (check, ()))
 
 
 def attach_partition(conn: Connection, run_id: uuid.UUID) -> None:
-    """Build the run's indexes (those of ``predictions``: its primary key and the latest
-    score per entity) and attach its table; nothing if it is attached. In the caller's
-    transaction."""
+    """Build the run's one index (that of ``predictions``: its primary key, entity first)
+    and attach its table; nothing if it is attached. In the caller's transaction."""
     name = partition_name(run_id)
     if sql.run(conn, (_ATTACHED, (name,))):
         return
     statements = [
         f"SET LOCAL maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'",
-        f'CREATE UNIQUE INDEX IF NOT EXISTS "{name}_pkey" ON "{name}" (run_id, entity_id)',
-        f'CREATE INDEX IF NOT EXISTS "{name}_entity_latest" ON "{name}" '
-        "(entity_id, scored_at DESC)",
+        f'CREATE UNIQUE INDEX IF NOT EXISTS "{name}_pkey" ON "{name}" '
+        "(entity_id, scored_at, run_id)",
     ]
     sql.run(conn, *((_ddl(text), ()) for text in statements))
     if not sql.run(conn, (_HAS_PK, (name,))):

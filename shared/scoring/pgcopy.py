@@ -7,7 +7,7 @@ each field, all big-endian), so ``np.frombuffer`` reads it and ``ndarray.tobytes
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -123,5 +123,5 @@ def _records(
     else:
         rec["class_len"] = -1
     rec["ts_len"] = 8
-    rec["ts"] = int((scored_at - PG_EPOCH).total_seconds() * 1_000_000)
+    rec["ts"] = (scored_at - PG_EPOCH) // timedelta(microseconds=1)  # exact, not via a float
     return rec.tobytes()

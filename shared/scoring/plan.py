@@ -155,7 +155,7 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
                 ScoringChunk(run_id=run.id, chunk=i, lo=int(bounds[i]), hi=int(bounds[i + 1]) - 1)
                 for i in range(n)
             )
-        create_partition(conn, run.id)
+        create_partition(conn, run.id, run.started_at)
         run.chunks_total, run.rows_total = n, total
         job_row = session.get(Job, job.id)
         if job_row is not None:
@@ -212,7 +212,8 @@ def finalize(session: Session, run_id: uuid.UUID, *, public_url: str = "") -> di
 
 
 def latest_score(session: Session, entity_id: int) -> dict[str, Any] | None:
-    """An entity's latest score: one index probe of (entity_id, scored_at DESC)."""
+    """An entity's latest score: one backward probe of the primary key (entity_id,
+    scored_at, run_id) per run's partition."""
     p = Prediction
     row = (
         session.execute(
