@@ -8,6 +8,11 @@ partition the key is unique exactly when ``entity_id`` is: one row per entity an
 as ``(run_id, entity_id)`` said. And an entity's latest score is one backward probe per
 run's partition, in ``scored_at`` order, as ``(entity_id, scored_at DESC)`` gave.
 
+The upgrade rebuilds the key of every partition kept (a one-off cost in proportion to the
+rows retained, under a lock on ``predictions``). Runs closed before it carry each chunk's
+own time as ``scored_at``; their rows were held to one per entity by the old key when
+they were written, and a closed run is never written again.
+
 Revision ID: 0009
 Revises: 0008
 Create Date: 2026-12-03 18:40:00
