@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -91,6 +92,11 @@ def _watch_promotions() -> None:
     while True:
         _preload()
         if _state != "ready":
+            # The modules and the first models live as long as the process: out of the
+            # cyclic collector's way, so a full collection between batches is short.
+            # (Versions loaded later are not frozen: an old one must stay collectable.)
+            gc.collect()
+            gc.freeze()
             _state = "ready"
             _report()
         if _stop.wait(interval):
