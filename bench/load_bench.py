@@ -134,13 +134,15 @@ def _tree_cpu(table: dict[int, tuple[int, float]], root: int) -> dict[int, float
     return out
 
 
-def _system_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+def _system_busy() -> tuple[float, float, float]:
+    """(busy, total, stolen) seconds of all CPUs, from /proc/stat. Stolen: time a virtual
+    machine's CPUs were runnable but the hypervisor ran something else (counted in busy)."""
     with open("/proc/stat") as f:
         vals = [int(v) for v in f.readline().split()[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
     total = sum(vals[:8])
-    return (total - idle) / CLK_TCK, total / CLK_TCK
+    steal = vals[7] if len(vals) > 7 else 0
+    return (total - idle) / CLK_TCK, total / CLK_TCK, steal / CLK_TCK
 
 
 def _self_cpu() -> float:
@@ -157,6 +159,7 @@ class CpuSnap:
     roots: dict[str, int]
     busy: float
     total: float
+    stolen: float
 
 
 class CpuMeter:
@@ -167,7 +170,7 @@ class CpuMeter:
 
     def snap(self) -> CpuSnap:
         table = _proc_table()
-        busy, total = _system_busy()
+        busy, total, stolen = _system_busy()
         return CpuSnap(
             time.perf_counter(),
             time.time(),
@@ -176,6 +179,7 @@ class CpuMeter:
             dict(self.roots),
             busy,
             total,
+            stolen,
         )
 
     @staticmethod
@@ -196,6 +200,7 @@ class CpuMeter:
                 per[pid] for pid in sorted(per, key=lambda p: (p != a.roots[name], p))
             ]
         out["machine_busy"] = b.busy - a.busy
+        out["stolen"] = b.stolen - a.stolen
         return out
 
 
@@ -943,10 +948,11 @@ def _cpu_line(cpu: dict[str, Any], roots: Iterable[str], jobs: int) -> list[str]
         )
         share = f"{v / wall * 100:3.0f}% of a core"
         lines.append(f"    CPU {name + ':':<16} {v:5.2f} CPU-s, {share}{per_job}{split}")
-    busy = cpu["machine_busy"]
+    busy, stolen = cpu["machine_busy"], cpu.get("stolen", 0.0)
     lines.append(
         f"    machine busy        {busy / (wall * NCPU) * 100:5.1f}% of {NCPU} cores; "
-        f"other processes {max(0.0, busy - ours):.2f} CPU-s"
+        f"other processes {max(0.0, busy - stolen - ours):.2f} CPU-s; "
+        f"stolen by the hypervisor {stolen / (wall * NCPU) * 100:.1f}%"
     )
     return lines
 
