@@ -948,7 +948,7 @@ def _cpu_line(cpu: dict[str, Any], roots: Iterable[str], jobs: int) -> list[str]
         )
         share = f"{v / wall * 100:3.0f}% of a core"
         lines.append(f"    CPU {name + ':':<16} {v:5.2f} CPU-s, {share}{per_job}{split}")
-    busy, stolen = cpu["machine_busy"], cpu.get("stolen", 0.0)
+    busy, stolen = cpu["machine_busy"], cpu["stolen"]
     lines.append(
         f"    machine busy        {busy / (wall * NCPU) * 100:5.1f}% of {NCPU} cores; "
         f"other processes {max(0.0, busy - stolen - ours):.2f} CPU-s; "

@@ -94,8 +94,9 @@ def _watch_promotions() -> None:
         if _state != "ready":
             # The modules and the first models live as long as the process: out of the
             # cyclic collector's way, so a full collection between batches is short.
-            # (Versions loaded later are not frozen: an old one must stay collectable.)
-            gc.collect()
+            # (Versions loaded later are not frozen: an old one must stay collectable.) No
+            # gc.collect() first: this thread holds the GIL for it, and a replacement child
+            # may already be running jobs.
             gc.freeze()
             _state = "ready"
             _report()
