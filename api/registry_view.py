@@ -2,10 +2,15 @@
 
 The production map is re-read every ``INFERQ_REGISTRY_CACHE_S`` (and at once after a
 promotion through this process), so a submit costs no registry query in the common case.
+Past half that age, a submit starts the re-read in the background and goes on with the
+map it has; only a map older than the whole age is waited for (a process that was quiet
+that long), so a steady trickle of jobs never waits for the registry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -14,9 +19,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from shared.config import get_settings
+from shared.db import session_scope
 from shared.models import registry
 
 __all__ = ["VersionInfo", "RegistryView", "registry_view"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,16 +41,41 @@ class RegistryView:
         self._production: dict[str, int] = {}
         self._production_at = 0.0
         self._lock = threading.Lock()
+        self._generation = 0  # moved by invalidate: a re-read begun before it is dropped
+        self._refreshing = False
 
     def invalidate(self) -> None:
+        self._generation += 1
         self._production_at = 0.0
 
     def production(self, session: Session) -> dict[str, int]:
         if time.monotonic() - self._production_at > get_settings().registry_cache_s:
-            with self._lock:
-                self._production = registry.production_versions(session)
-                self._production_at = time.monotonic()
+            self._read_production(session)
         return self._production
+
+    def _read_production(self, session: Session) -> None:
+        with self._lock:
+            generation, at = self._generation, time.monotonic()
+            production = registry.production_versions(session)
+            if generation == self._generation:
+                self._production, self._production_at = production, at
+
+    def _refresh_in_background(self) -> None:
+        """One re-read at a time, on the event loop's thread pool."""
+        if self._refreshing:
+            return
+        self._refreshing = True
+
+        def refresh() -> None:
+            try:
+                with session_scope() as session:
+                    self._read_production(session)
+            except Exception:  # the next submit waits for the read, and says why
+                log.warning("could not re-read the production versions", exc_info=True)
+            finally:
+                self._refreshing = False
+
+        asyncio.get_running_loop().run_in_executor(None, refresh)
 
     def version(self, session: Session, name: str, version: int) -> VersionInfo | None:
         info = self._versions.get((name, version))
@@ -55,10 +88,14 @@ class RegistryView:
         return info
 
     def resolve_cached(self, name: str, version: int | None) -> VersionInfo | None:
-        """The answer of ``resolve`` from memory alone, or None if it needs the database."""
+        """The answer of ``resolve`` from memory alone, or None if it needs the database.
+        Called on the event loop: a map past half its age is re-read in the background."""
         if version is None:
-            if time.monotonic() - self._production_at > get_settings().registry_cache_s:
+            age, ttl = time.monotonic() - self._production_at, get_settings().registry_cache_s
+            if age > ttl:
                 return None
+            if age > ttl / 2:
+                self._refresh_in_background()
             version = self._production.get(name)
             if version is None:
                 return None

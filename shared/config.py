@@ -132,7 +132,9 @@ class Settings(BaseSettings):
     )
     batch_max_rows: int = Field(20_000, description="Rows per model call, at most.")
     predict_idle_s: float = Field(
-        0.1, description="A draining predict worker waits this long for more jobs, then stops."
+        0.5,
+        description="A draining predict worker waits this long for more jobs, then stops "
+        "(a job after a shorter pause is taken at once, with no Celery message).",
     )
     predict_drain_s: float = Field(
         1.0, description="A predict task drains this long at most, then hands over."

@@ -92,13 +92,18 @@ def prediction_rows(output: Output, classes: list[Any] | None = None) -> list[di
 
 
 def _predict(
-    model: LoadedModel, rows: list[dict[str, Any]], cache: Redis, stats: Any
+    model: LoadedModel,
+    rows: list[dict[str, Any]],
+    cache: Redis,
+    stats: Any,
+    cache_writes: Any = None,
 ) -> list[dict[str, Any]]:
     """Predictions for ``rows``: from the prediction cache where present, the rest in one call.
 
     The cache is content-addressed: sha256 of model, version and the normalised feature
     values (so 12 and 12.0 are one entry), and a promotion, being a new version, never
-    meets an entry of the old one.
+    meets an entry of the old one. New entries go on ``cache_writes`` (a pipeline on the
+    cache that the caller sends) when one is given, else out at once.
     """
     settings = get_settings()
     if settings.prediction_cache_ttl_s <= 0:
@@ -122,16 +127,18 @@ def _predict(
             preds[i] = json.loads(value)
     count(stats, "cache", "predictions", "hit", by=len(rows) - len(miss))
     count(stats, "cache", "predictions", "miss", by=len(miss))
-    pipe = cache.pipeline(transaction=False)
-    if miss:
-        fresh = _fresh(model, [rows[i] for i in miss])
-        for i, pred in zip(miss, fresh, strict=True):
-            preds[i] = pred
-            pipe.set(keys[i], json.dumps(pred), ex=settings.prediction_cache_ttl_s)
-    try:
-        pipe.execute()
-    except RedisError:
-        log.warning("prediction cache unavailable; results not cached", exc_info=True)
+    if not miss:
+        return preds
+    pipe = cache_writes if cache_writes is not None else cache.pipeline(transaction=False)
+    fresh = _fresh(model, [rows[i] for i in miss])
+    for i, pred in zip(miss, fresh, strict=True):
+        preds[i] = pred
+        pipe.set(keys[i], json.dumps(pred), ex=settings.prediction_cache_ttl_s)
+    if cache_writes is None:
+        try:
+            pipe.execute()
+        except RedisError:
+            log.warning("prediction cache unavailable; results not cached", exc_info=True)
     return preds
 
 
@@ -178,13 +185,23 @@ def run_predict_jobs(
     jobs: list[JobRow],
     *,
     cache: Redis | None = None,
+    writes: Any = None,
 ) -> Outcome:
     """Predict ``jobs``; ``cache`` holds the feature and prediction caches (default:
-    ``redis``, where the counters always go)."""
+    ``redis``, where the counters always go).
+
+    ``writes``, a pipeline on ``redis`` that the caller sends later: the counters, and the
+    new prediction-cache entries when the cache is ``redis`` itself, are queued on it
+    instead of costing two round trips of their own before the results can be recorded
+    (the draining worker sends them with its next pop)."""
     out = Outcome()
+    cache = cache or redis
+    if writes is not None:
+        _run(engine, cache, writes, models, jobs, out, writes if cache is redis else None)
+        return out
     stats = redis.pipeline(transaction=False)
     try:
-        _run(engine, cache or redis, stats, models, jobs, out)
+        _run(engine, cache, stats, models, jobs, out)
     except BaseException:
         # Counters must never replace the error on its way out (a SystemExit from a
         # terminated task, say, turned into a Redis error by a Redis that is down).
@@ -196,7 +213,13 @@ def run_predict_jobs(
 
 
 def _run(
-    engine: Engine, cache: Redis, stats: Any, models: ModelCache, jobs: list[JobRow], out: Outcome
+    engine: Engine,
+    cache: Redis,
+    stats: Any,
+    models: ModelCache,
+    jobs: list[JobRow],
+    out: Outcome,
+    cache_writes: Any = None,
 ) -> None:
     groups: dict[tuple[str, int], list[JobRow]] = defaultdict(list)
     for job in jobs:
@@ -219,19 +242,25 @@ def _run(
         size = 0
         for job in group:
             if part and size + len(rows[job.id]) > cap:
-                _predict_group(out, model, part, rows, cache, stats)
+                _predict_group(out, model, part, rows, cache, stats, cache_writes)
                 part, size = [], 0
             part.append(job)
             size += len(rows[job.id])
-        _predict_group(out, model, part, rows, cache, stats)
+        _predict_group(out, model, part, rows, cache, stats, cache_writes)
 
 
 def _predict_group(
-    out: Outcome, model: LoadedModel, group: list[JobRow], rows: dict, cache: Redis, stats: Any
+    out: Outcome,
+    model: LoadedModel,
+    group: list[JobRow],
+    rows: dict,
+    cache: Redis,
+    stats: Any,
+    cache_writes: Any = None,
 ) -> None:
     batch = [r for job in group for r in rows[job.id]]
     try:
-        preds = _predict(model, batch, cache, stats)
+        preds = _predict(model, batch, cache, stats, cache_writes)
     except Exception:
         if len(group) == 1:
             job = group[0]
@@ -240,7 +269,7 @@ def _predict_group(
             return
         # Isolate the culprit: each job alone.
         for job in group:
-            _predict_group(out, model, [job], rows, cache, stats)
+            _predict_group(out, model, [job], rows, cache, stats, cache_writes)
         return
     start = 0
     for job in group:

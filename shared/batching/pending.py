@@ -159,11 +159,12 @@ def pop_pending(redis: Redis, task_id: str, limit: int, *, last: bool = False) -
 
 
 def mirror_and_pop(
-    redis: Redis, ended: Sequence[JobRow], task_id: str, limit: int
+    redis: Redis, ended: Sequence[JobRow], task_id: str, limit: int, *, pipe: Any = None
 ) -> list[uuid.UUID]:
     """The hot copies of jobs a batch ended (``shared.jobs.store.mirror``) and the next
-    ``pop_pending``, in one round trip."""
-    pipe = redis.pipeline(transaction=False)
+    ``pop_pending``, in one round trip; with ``pipe``, on it, after what it holds."""
+    if pipe is None:
+        pipe = redis.pipeline(transaction=False)
     mirror(redis, ended, pipe=pipe)
     keys, args = _pop_args(task_id, limit, last=False)
     pipe.eval(_POP, len(keys), *keys, *args)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from redis import Redis
@@ -52,9 +55,10 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     """Predict the message's jobs and every pending predict job, a batch at a time, until
     none is pending (see ``shared.batching.pending`` for the protocol); returns the jobs ended.
 
-    Each batch costs three round trips whatever its size: the claim, the results with
-    their prediction logs (one transaction), and the previous batch's hot copies sent
-    with the next pop.
+    Each batch costs three round trips whatever its size, four with the prediction cache
+    on (its lookup): the claim, the results with their prediction logs (one
+    transaction), and the batch's hot copies, counters and new cache entries, sent with
+    the next pop.
     """
     s = get_settings()
     redis = redis_client()
@@ -72,10 +76,11 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     shadow: list[Work] = []  # sampled rows kept for the shadow versions
     ended = batches = 0
     slow = False
-    with autocommit() as conn:
+    writes = redis.pipeline(transaction=False)  # sent with the next pop (or at the end)
+    with autocommit() as conn, _sent_on_error(writes):
         while True:
-            popped = mirror_and_pop(redis, done, task_id, cap)
-            done = []
+            popped = mirror_and_pop(redis, done, task_id, cap, pipe=writes)
+            done, writes = [], redis.pipeline(transaction=False)
             if shadow and shadows.due(shadow):  # kept too long or too many: run them now
                 shadows.run(conn, models, shadow, session_scope)
                 shadow = []
@@ -92,13 +97,14 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
             if len(popped) >= cap or (slow and popped):
                 call_for_help(redis)  # a backlog, or batches too slow for one process
             started = time.monotonic()
-            done, sampled = _run_batch(task_id, conn, redis, ids, popped, redelivered)
+            done, sampled = _run_batch(task_id, conn, redis, ids, popped, redelivered, writes)
             shadow = shadows.keep(shadow, sampled)
             slow = time.monotonic() - started > HELP_AFTER_S
             ids, redelivered = [], False
             ended, batches = ended + len(done), batches + 1
             if time.monotonic() >= deadline:
-                jobstore.mirror(redis, done)
+                jobstore.mirror(redis, done, pipe=writes)
+                writes.execute()
                 forget_in_flight(redis, task_id)  # claimed; a last pop would have cleared it
                 hand_over()  # the next delivery drains while this one runs the shadow
                 shadows.run(conn, models, shadow, session_scope)
@@ -108,6 +114,17 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     return ended
 
 
+@contextlib.contextmanager
+def _sent_on_error(writes: Any) -> Iterator[None]:
+    """Counters queued for the next pop still go out when the drain fails on its way."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writes.execute()
+        raise
+
+
 def _run_batch(
     task_id: str,
     conn: Connection,
@@ -115,9 +132,11 @@ def _run_batch(
     ids: list[uuid.UUID],
     popped: list[uuid.UUID],
     redelivered: bool,
+    writes: Any,
 ) -> tuple[list[JobRow], list[Work]]:
     """Claim, predict and record one batch; returns the jobs it ended (their hot copies are
-    the caller's to write) and its rows sampled for shadow versions."""
+    the caller's to write) and its rows sampled for shadow versions; its counters and cache
+    entries are queued on ``writes``."""
     try:
         claimed = jobstore.claim_batch(
             conn,
@@ -136,15 +155,19 @@ def _run_batch(
         call_for_help(redis)  # several model calls' worth: share them with another process
     work: list[Work] = []
     if runnable:
-        settled, work = _predict(conn, redis, runnable)
+        settled, work = _predict(conn, redis, runnable, writes)
         ended += settled
     return ended, work
 
 
-def _predict(conn: Connection, redis: Redis, jobs: list[JobRow]) -> tuple[list[JobRow], list[Work]]:
+def _predict(
+    conn: Connection, redis: Redis, jobs: list[JobRow], writes: Any
+) -> tuple[list[JobRow], list[Work]]:
     with job_context(",".join(str(j.id) for j in jobs[:20])):
         try:
-            out = run_predict_jobs(get_engine(), redis, models, jobs, cache=cache_client())
+            out = run_predict_jobs(
+                get_engine(), redis, models, jobs, cache=cache_client(), writes=writes
+            )
         except SoftTimeLimitExceeded:
             log.error("predict batch hit its soft time limit")
             timeout: dict[uuid.UUID, jobstore.End] = {
