@@ -76,11 +76,12 @@ def run(self, job_ids: list[str]) -> int:  # type: ignore[no-untyped-def]
     shadow: list[Work] = []  # sampled rows kept for the shadow versions
     ended = batches = 0
     slow = False
-    writes = redis.pipeline(transaction=False)  # sent with the next pop (or at the end)
+    # Sent with the next pop (or at the end); a pipeline is empty again once sent.
+    writes = redis.pipeline(transaction=False)
     with autocommit() as conn, _sent_on_error(writes):
         while True:
             popped = mirror_and_pop(redis, done, task_id, cap, pipe=writes)
-            done, writes = [], redis.pipeline(transaction=False)
+            done = []
             if shadow and shadows.due(shadow):  # kept too long or too many: run them now
                 shadows.run(conn, models, shadow, session_scope)
                 shadow = []
