@@ -14,15 +14,15 @@ import pandas as pd
 
 def encode_rows(rows: Iterable[Mapping[str, Any]], schema: Mapping[str, Any]) -> np.ndarray:
     """Validated rows to the ``codes`` matrix: float64, one column per feature in schema
-    order, a string as its index in ``categories``, null as NaN. A string outside the
-    categories (a row that skipped validation) is a ``KeyError``."""
+    order, a string as its index in ``categories`` (-1 for null), other nulls as NaN. A
+    string outside the categories (a row that skipped validation) is a ``KeyError``."""
     rows = list(rows)
     out = np.empty((len(rows), len(schema["features"])), dtype=np.float64)
     for j, spec in enumerate(schema["features"]):
         name = spec["name"]
         if spec["type"] == "str":
             index = {c: k for k, c in enumerate(spec["categories"])}
-            out[:, j] = [index[r[name]] for r in rows]
+            out[:, j] = [-1 if r[name] is None else index[r[name]] for r in rows]
         elif spec.get("nullable"):
             out[:, j] = [math.nan if r[name] is None else r[name] for r in rows]
         else:
@@ -48,6 +48,24 @@ def columns_from_rows(
             col = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
         cols[name] = col
     return cols
+
+
+def columns_from_codes(X: np.ndarray, schema: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The codes matrix (see ``encode_rows``; -1 is a missing or unknown string) to one
+    array per feature, as ``columns_from_rows`` gives them."""
+    columns: dict[str, np.ndarray] = {}
+    for j, f in enumerate(schema["features"]):
+        col = X[:, j]
+        if f["type"] == "str":
+            cats = np.empty(len(f["categories"]) + 1, dtype=object)
+            cats[:-1] = f["categories"]
+            cats[-1] = None  # code -1: missing, or a value outside the categories
+            columns[f["name"]] = cats[col.astype(np.int64)]
+        elif f["type"] == "bool" and not np.isnan(col).any():
+            columns[f["name"]] = col != 0
+        else:
+            columns[f["name"]] = col
+    return columns
 
 
 def _frame_column(col: np.ndarray, spec: Mapping[str, Any]) -> Any:

@@ -24,7 +24,14 @@ from sqlalchemy.orm import Session
 
 from shared.config import get_settings
 from shared.models import formats
-from shared.models.encoding import columns_from_rows, model_input, rows_input
+from shared.models.encoding import (
+    columns_from_codes,
+    columns_from_rows,
+    encode_rows,
+    model_input,
+    rows_input,
+)
+from shared.models.lookup import LookupRuntime
 from shared.models.runtime import Kind, OnnxRuntime, Output, Runtime, SklearnRuntime
 from shared.orm import ModelArtifact, ModelVersion
 
@@ -54,8 +61,10 @@ class ArtifactIntegrityError(RuntimeError):
 class LoadedModel:
     """A version ready to predict. ``predict(X)`` takes the model input of a batch (see
     ``shared.models.schema``), ``predict_rows`` validated JSON rows, ``predict_columns``
-    one array per feature; each returns an ``Output``. ``runtime`` names what computes it:
-    ``onnx`` where the pipeline converts exactly, else ``sklearn``."""
+    one array per feature, ``predict_codes`` the codes matrix (``encode_rows``); each
+    returns an ``Output``. ``runtime`` names what computes it: ``onnx`` where the pipeline
+    converts exactly, ``sklearn_lookup`` where a DataFrame pipeline runs from its codes to
+    the same bits (``shared.models.lookup``: rows and codes go that way), else ``sklearn``."""
 
     name: str
     version: int
@@ -65,6 +74,7 @@ class LoadedModel:
     estimator: Any
     classes: list[Any] | None = None
     _runtime: Runtime | None = field(default=None, repr=False)
+    _codes: Runtime | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self._runtime is None:
@@ -77,17 +87,35 @@ class LoadedModel:
     @property
     def runtime(self) -> str:
         assert self._runtime is not None
-        return self._runtime.name
+        return (self._codes or self._runtime).name
 
     def use(self, runtime: Runtime) -> None:
         self._runtime = runtime
+
+    def use_codes(self, runtime: Runtime) -> None:
+        """Predict rows and codes with ``runtime``, which takes the codes matrix."""
+        self._codes = runtime
 
     def predict(self, X: Any) -> Output:
         assert self._runtime is not None
         return self._runtime.predict(X)
 
     def predict_rows(self, rows: list[dict[str, Any]]) -> Output:
+        if self._codes is not None:
+            try:
+                X = encode_rows(rows, self.schema)
+            except KeyError:  # a string outside the categories: the estimator decides
+                pass
+            else:
+                return self._codes.predict(X)
         return self.predict(rows_input(rows, self.schema))
+
+    def predict_codes(self, X: Any) -> Output:
+        if self.schema.get("input") == "codes":
+            return self.predict(X)
+        if self._codes is not None:
+            return self._codes.predict(X)
+        return self.predict_columns(columns_from_codes(X, self.schema))
 
     def predict_columns(self, columns: dict[str, Any]) -> Output:
         return self.predict(model_input(columns, self.schema))
@@ -263,6 +291,11 @@ def build(
         fast = OnnxRuntime.load(estimator, model.spec, schema, model._runtime)
         if fast is not None:
             model.use(fast)
+    if model.runtime == "sklearn":
+        assert isinstance(model._runtime, SklearnRuntime)
+        lookup = LookupRuntime.load(estimator, model.spec, schema, model._runtime)
+        if lookup is not None:
+            model.use_codes(lookup)
     return model
 
 

@@ -49,29 +49,10 @@ def _select_features(schema: dict[str, Any]) -> str:
     return ", ".join(cols)
 
 
-def _model_input(model: LoadedModel, X: np.ndarray) -> Any:
-    """The codes matrix read by COPY as the model takes it."""
-    schema = model.schema
-    if schema.get("input") == "codes":
-        return X
-    columns: dict[str, np.ndarray] = {}
-    for j, f in enumerate(schema["features"]):
-        col = X[:, j]
-        if f["type"] == "str":
-            cats = np.empty(len(f["categories"]) + 1, dtype=object)
-            cats[:-1] = f["categories"]
-            cats[-1] = None  # code -1: NULL or a value outside the categories
-            columns[f["name"]] = cats[col.astype(np.int64)]
-        elif f["type"] == "bool" and not np.isnan(col).any():
-            columns[f["name"]] = col != 0
-        else:
-            columns[f["name"]] = col
-    return model_input(columns, schema)
-
-
-def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray, Any]:
-    """(entity ids, model input) of a chunk: a binary COPY parsed by numpy where every
-    feature reads as float8, else a CSV COPY parsed by pandas (free-text features)."""
+def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray, Any, bool]:
+    """(entity ids, X, whether X is the codes matrix) of a chunk: a binary COPY parsed by
+    numpy into codes where every feature reads as float8, else a CSV COPY parsed by pandas
+    into the model input (free-text features)."""
     schema = model.schema
     ft = FeatureTable.of(schema)
     assert ft is not None
@@ -80,7 +61,7 @@ def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray
         buf = _Sink()
         cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buf)
         ids, X = pgcopy.read_float_rows(buf.getvalue(), len(schema["features"]))
-        return ids, (_model_input(model, X) if len(ids) else None)
+        return ids, X, True
     import pandas as pd
 
     names = [f["name"] for f in schema["features"]]
@@ -101,7 +82,7 @@ def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray
         else:
             columns[f["name"]] = series.to_numpy(dtype=np.float64)
     ids = frame["__key"].to_numpy(dtype=np.int64)
-    return ids, (model_input(columns, schema) if len(ids) else None)
+    return ids, (model_input(columns, schema) if len(ids) else None), False
 
 
 class ChunkOutcome:
@@ -146,13 +127,13 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
             return f"SELECT {columns} FROM {ft.sql_name} {condition}"
 
         t_read = time.perf_counter()
-        ids, X = _read_chunk(cur, model, query_of)
+        ids, X, codes = _read_chunk(cur, model, query_of)
         n = len(ids)
         t_predict = time.perf_counter()
         t_write = t_predict
         hist = [0] * HIST_BINS
         if n:
-            out = model.predict(X)
+            out = model.predict_codes(X) if codes else model.predict(X)
             del X
             t_write = time.perf_counter()
             multiclass = out.proba is not None
