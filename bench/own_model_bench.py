@@ -22,11 +22,13 @@ cost of the service around the model shows:
    ``--clients`` clients in a closed loop (load_bench's aiohttp generator) for ``--duration``
    seconds: jobs/s end to end and completion latency. Beside it, bare ``predict_proba`` on
    the same rows, one row per call as a DataFrame (what one task per request pays) and all
-   of them in one call.
+   of them in one call; and the version as the workers load it (its runtime chosen the
+   same way), one JSON row per call.
 3. Score: one score job over the whole table, POST to ``succeeded``, every prediction counted.
    Beside it, bare ``predict_proba`` on the same rows read into a DataFrame, in chunks of
    inferq's chunk size, in one process and split across two (one thread each): the two-core
-   machine's bare throughput.
+   machine's bare throughput; and the workers' runtime on the same rows as the codes a
+   score chunk reads, in one process.
 
 The stack is stopped with SIGINT to its process group, as Ctrl-C stops ``inferq up``, also
 when the benchmark fails or is interrupted. The exit status is 1 when a job fails or a count
@@ -494,6 +496,49 @@ def bare_one_call(pipeline: Pipeline, rows: list[dict[str, Any]]) -> Bare:
     return res
 
 
+def worker_runtime(version: int) -> Any:
+    """The registered version loaded as a worker loads it (its runtime chosen the same way)."""
+    from shared.db import session_scope
+    from shared.models.registry import ModelCache
+
+    with session_scope() as session:
+        return ModelCache().get(session, MODEL, version)
+
+
+def runtime_one_row(model: Any, rows: list[dict[str, Any]]) -> Bare:
+    """The worker's runtime on one row per call, from the JSON row (as a batch of one)."""
+    from threadpoolctl import threadpool_limits
+
+    res = Bare(rows=len(rows))
+    with threadpool_limits(1):
+        model.predict_rows([rows[0]])
+        for row in rows:
+            t0 = time.perf_counter()
+            model.predict_rows([row])
+            res.latencies.append(time.perf_counter() - t0)
+    res.seconds = sum(res.latencies)
+    return res
+
+
+def runtime_score_one(model: Any, frame: pd.DataFrame, chunk_rows: int) -> Bare:
+    """The worker's runtime over the table's codes (as a score chunk reads them), in chunks,
+    one process, one thread; only the calls timed."""
+    from threadpoolctl import threadpool_limits
+
+    from shared.models.encoding import encode_rows
+    from tests.factories import plain_rows
+
+    codes = encode_rows(plain_rows(frame), model.schema)
+    res = Bare(rows=len(frame))
+    with threadpool_limits(1):
+        model.predict_codes(codes[:100])
+        for lo in range(0, len(codes), chunk_rows):
+            t0 = time.perf_counter()
+            model.predict_codes(codes[lo : lo + chunk_rows])
+            res.seconds += time.perf_counter() - t0
+    return res
+
+
 # --- score -------------------------------------------------------------------------------
 
 
@@ -637,6 +682,9 @@ class Run:
     feed: RowFeed | None = None
     one_row: Bare | None = None
     one_call: Bare | None = None
+    runtime_name: str = ""
+    runtime_row: Bare | None = None
+    runtime_score: Bare | None = None
     score: ScoreResult | None = None
     chunk_rows: int = 0
     score_one: Bare | None = None
@@ -699,6 +747,9 @@ def measure(run: Run, stack: Stack) -> None:
         say(f"bare predict_proba on {min(len(sent), args.bare_rows):,} rows one at a time ...")
         run.one_row = bare_one_row(pipeline, sent[: args.bare_rows])
         run.one_call = bare_one_call(pipeline, sent)
+        model = worker_runtime(int(run.model["version"]))
+        run.runtime_name = model.runtime
+        run.runtime_row = runtime_one_row(model, sent[: args.bare_rows])
 
         say(f"score job over {n:,} rows ...")
         pg = stack.postmaster()
@@ -719,6 +770,7 @@ def measure(run: Run, stack: Stack) -> None:
     if len(frame) != n:
         run.failures.append(f"read {len(frame):,} rows back from {TABLE}, want {n:,}")
     run.score_one = bare_score_one(pipeline, frame, run.chunk_rows)
+    run.runtime_score = runtime_score_one(model, frame, run.chunk_rows)
     run.score_two = bare_score_two(pipeline, frame, run.chunk_rows)
 
 
@@ -834,6 +886,13 @@ def report(run: Run) -> str:  # noqa: C901 - one section per phase, each optiona
                 f"    (b) all {b.rows:,} rows in one call:          {_rate(b.rate):>9} rows/s "
                 f"({b.seconds * 1000:.1f} ms)"
             )
+            if run.runtime_row is not None:
+                c = run.runtime_row
+                out.append(
+                    f"    (c) the workers' runtime ({run.runtime_name}), one JSON row per call: "
+                    f"{_rate(c.rate):>9} rows/s (per call p50 {ms(pct(c.latencies, 50))}, "
+                    f"p99 {ms(pct(c.latencies, 99))}; {c.rate / a.rate:.1f}x (a))"
+                )
             out.append(
                 f"  ratio inferq jobs/s : bare one-row-per-call rows/s = {rate:,.0f} : "
                 f"{a.rate:,.0f} = {rate / a.rate:.2f}x (inferq on 2 cores, with HTTP, the "
@@ -875,6 +934,13 @@ def report(run: Run) -> str:  # noqa: C901 - one section per phase, each optiona
             )
             if one.cpu is not None:
                 out.append("      " + cpu_note(one.cpu))
+            if run.runtime_score is not None:
+                c = run.runtime_score
+                out.append(
+                    f"    the workers' runtime ({run.runtime_name}) on the same rows as codes, "
+                    f"1 process, one thread: {c.seconds:.2f} s ({_rate(c.rate):>11} rows/s; "
+                    f"{one.seconds / c.seconds:.2f}x bare)"
+                )
         if two is not None:
             busy = " + ".join(f"{b:.2f}" for b in two.per_process)
             out.append(
