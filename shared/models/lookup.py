@@ -54,12 +54,10 @@ def _dense(out: Any) -> np.ndarray:
 def _column_names(ct: Any, cols: Any) -> list[str] | None:
     """The input column names a fitted ``ColumnTransformer`` gives a transformer, or None
     for a selection this runtime does not follow (a single name: the transformer gets a
-    Series; a callable)."""
-    if isinstance(cols, str) or callable(cols):
+    Series; a slice; a callable)."""
+    if isinstance(cols, str | slice) or callable(cols):
         return None
     names = list(getattr(ct, "feature_names_in_", ()))
-    if isinstance(cols, slice):
-        return None
     picked = list(cols)
     if all(isinstance(c, str) for c in picked):
         return picked
