@@ -258,14 +258,14 @@ def run_timeline(path: Path, job_id: str) -> str:
                 predict += float(m[2])
                 write += float(m[3])
                 last = stamp
-            m = re.search(r"indexed and attached in ([\d.]+) s", message)
+            m = re.search(r"(?:indexed and )?attached in ([\d.]+) s", message)
             if m:
                 close = float(m[1])
     span = f"{(last - first).total_seconds():.2f} s" if first and last else "?"
     return (
         f"timeline: {chunks} chunks in {span} of wall time (first log line to last chunk), "
         f"summed over processes read {read:.2f} s, predict {predict:.2f} s, write and "
-        f"commit {write:.2f} s; index build and attach at the close {close:.2f} s"
+        f"commit {write:.2f} s; attach at the close {close:.2f} s"
     )
 
 
@@ -390,6 +390,7 @@ def run_floor(version: int) -> FloorResult:
     from shared.models.registry import ModelCache
     from shared.scoring import pgcopy
     from shared.scoring.chunk import _select_features, _Sink
+    from shared.scoring.partitions import chunk_table_name, chunk_table_statements
 
     with session_scope() as session:
         schema = ModelCache().get(session, "churn", version).schema
@@ -411,22 +412,34 @@ def run_floor(version: int) -> FloorResult:
         del data, sink
         res.rows = len(ids)
         scores = np.random.default_rng(0).random(len(ids))
+        # The workers' own encoding: a chunk's table has the run's constants as its
+        # column defaults, and the COPY carries the rest.
+        run_id, scored_at = uuid.uuid4(), datetime.now(UTC)
         stream = pgcopy.prediction_records(
-            run_id=uuid.uuid4().bytes,
+            run_id=run_id.bytes,
             entity_ids=ids,
             model="churn",
             version=version,
             scores=scores,
             labels=scores >= 0.5,
-            scored_at=datetime.now(UTC),
+            scored_at=scored_at,
+            constants=False,
         )
         cur.execute("DROP TABLE IF EXISTS bench_floor")
-        cur.execute("CREATE TABLE bench_floor (LIKE predictions INCLUDING DEFAULTS)")
+        for statement in chunk_table_statements(
+            run_id,
+            0,
+            int(ids.min()),
+            int(ids.max()),
+            started_at=scored_at,
+            model="churn",
+            version=version,
+        ):
+            cur.execute(statement.replace(f'"{chunk_table_name(run_id, 0)}"', "bench_floor"))
         raw.commit()
         t0 = time.perf_counter()
         cur.copy_expert(
-            "COPY bench_floor (run_id, entity_id, model, version, score, label, "
-            "predicted_class, scored_at) FROM STDIN (FORMAT binary)",
+            f"COPY bench_floor ({pgcopy.OWN_COLUMNS}) FROM STDIN (FORMAT binary)",
             io.BytesIO(stream),
         )
         raw.commit()

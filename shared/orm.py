@@ -55,8 +55,9 @@ NAMING = {
 }
 
 
-#: A run's partition of ``predictions``: not in the models, created per run.
-RUN_PARTITION = re.compile(r"^predictions_[0-9a-f]{32}$")
+#: A run's partition of ``predictions`` and its chunks' tables: not in the models, created
+#: per run.
+RUN_PARTITION = re.compile(r"^predictions_[0-9a-f]{32}(_[0-9]+)?$")
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare: Any) -> bool:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from datetime import date
+from typing import Any
 
 import httpx
 import numpy as np
@@ -260,39 +261,98 @@ def test_latest_score_is_one_indexed_query(stack: Stack) -> None:
     assert "Index Scan" in plan and "Seq Scan" not in plan, plan
 
 
-def test_a_runs_table_holds_one_row_per_customer_scored_as_of_the_run(stack: Stack) -> None:
-    """The run's table refuses a row scored at another time than the run's start, and a
-    second row for a customer fails the close (the index build), never passes."""
+def test_a_chunks_table_holds_one_row_per_customer_of_its_range_scored_as_of_the_run(
+    stack: Stack,
+) -> None:
+    """A chunk's table refuses a row scored at another time than the run's start or
+    outside the chunk's ids, and a second row for a customer fails its index build (the
+    chunk's transaction), never passes; a failed chunk leaves no table behind."""
     from datetime import UTC, datetime, timedelta
 
     import sqlalchemy.exc
 
-    from shared.scoring.partitions import attach_partition, create_partition, partition_name
+    from shared.scoring.partitions import (
+        chunk_index_statements,
+        chunk_table_name,
+        chunk_table_statements,
+        create_partition,
+        partition_name,
+    )
 
     run_id, started = uuid.uuid4(), datetime.now(UTC)
-    name = partition_name(run_id)
-    insert = text(
-        f'INSERT INTO "{name}" (run_id, entity_id, model, version, score, scored_at) '
-        "VALUES (:r, :e, 'churn', 1, 0.5, :t)"
-    )
+    name, table = partition_name(run_id), chunk_table_name(run_id, 0)
+    ddl = chunk_table_statements(run_id, 0, 1, 10, started_at=started, model="churn", version=1)
+    insert = text(f'INSERT INTO "{table}" (entity_id, score, scored_at) VALUES (:e, 0.5, :t)')
+
+    def chunk(session: Any, *rows: dict[str, Any]) -> None:
+        for statement in ddl:
+            session.execute(text(statement))
+        for row in rows:
+            session.execute(insert, row)
+        for statement in chunk_index_statements(run_id, 0):
+            session.execute(text(statement))
+
     try:
         with session_scope() as session:
-            create_partition(session.connection(), run_id, started)
-        late = {"r": run_id, "e": 1, "t": started + timedelta(seconds=1)}
+            create_partition(session.connection(), run_id)
         refused = pytest.raises(sqlalchemy.exc.IntegrityError, match="check constraint")
         with refused, session_scope() as session:
-            session.execute(insert, late)
+            chunk(session, {"e": 1, "t": started + timedelta(seconds=1)})
+        with refused, session_scope() as session:
+            chunk(session, {"e": 11, "t": started})  # the next chunk's id
         twice = pytest.raises(sqlalchemy.exc.IntegrityError, match="could not create unique index")
         with twice, session_scope() as session:
-            for _ in range(2):
-                session.execute(insert, {"r": run_id, "e": 1, "t": started})
-            attach_partition(session.connection(), run_id)
-        with session_scope() as session:  # nothing of it was attached
+            chunk(session, {"e": 1, "t": started}, {"e": 1, "t": started})
+        with session_scope() as session:
+            left = session.execute(text("SELECT to_regclass(:n)"), {"n": table}).scalar()
             attached = session.execute(
                 text("SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass(:n)"),
                 {"n": name},
             ).scalar()
-        assert attached == 0
+        assert left is None and attached == 0
+        with session_scope() as session:  # the run's defaults fill in what a row leaves out
+            chunk(session, {"e": 1, "t": started})
+            got = session.execute(text(f'SELECT run_id, model, version FROM "{table}"')).one()
+        assert tuple(got) == (run_id, "churn", 1)
+    finally:
+        with session_scope() as session:
+            session.execute(text(f'DROP TABLE IF EXISTS "{name}", "{table}"'))
+
+
+def test_a_run_planned_with_one_plain_table_still_closes(stack: Stack) -> None:
+    """A run whose partition is one plain table (planned before chunk tables) gets its
+    index built and is attached at its close, as before."""
+    from datetime import UTC, datetime
+
+    from shared.scoring.partitions import attach_partition, partition_name
+
+    run_id, started = uuid.uuid4(), datetime.now(UTC)
+    name = partition_name(run_id)
+    try:
+        with session_scope() as session:
+            session.execute(text(f'CREATE TABLE "{name}" (LIKE predictions INCLUDING DEFAULTS)'))
+            session.execute(
+                text(
+                    f'INSERT INTO "{name}" (run_id, entity_id, model, version, score, scored_at) '
+                    "VALUES (:r, 1, 'churn', 1, 0.5, :t), (:r, 2, 'churn', 1, 0.25, :t)"
+                ),
+                {"r": run_id, "t": started},
+            )
+        with session_scope() as session:
+            attach_partition(session.connection(), run_id)
+        with session_scope() as session:
+            rows = session.execute(
+                text("SELECT entity_id FROM predictions WHERE run_id = :r ORDER BY 1"),
+                {"r": run_id},
+            ).scalars()
+            pk = session.execute(
+                text(
+                    "SELECT count(*) FROM pg_constraint WHERE conrelid = to_regclass(:n) "
+                    "AND contype = 'p'"
+                ),
+                {"n": name},
+            ).scalar()
+            assert list(rows) == [1, 2] and pk == 1
     finally:
         with session_scope() as session:
             session.execute(text(f'DROP TABLE IF EXISTS "{name}"'))

@@ -1,7 +1,7 @@
 """One chunk of a score run: its rows streamed out of the feature table with a COPY,
-predicted in one call, and COPYed back into the run's own table (its partition of
-``predictions`` once the run closes, see ``shared.scoring.partitions``) in the
-transaction that marks the chunk done, under the chunk's row lock (a chunk delivered
+predicted in one call, and COPYed back into a table of its own (a partition of the run's
+partition of ``predictions`` once the run closes, see ``shared.scoring.partitions``),
+indexed, in the transaction that marks the chunk done, under the chunk's row lock (a chunk delivered
 twice writes once)."""
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from shared.models.encoding import model_input
 from shared.models.features import FeatureTable, quote
 from shared.models.registry import LoadedModel
 from shared.scoring import pgcopy
-from shared.scoring.partitions import partition_name
+from shared.scoring.partitions import (
+    chunk_index_statements,
+    chunk_table_name,
+    chunk_table_statements,
+    partition_name,
+)
 from shared.scoring.plan import HIST_BINS, _where
 
 log = logging.getLogger(__name__)
@@ -97,13 +102,16 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
     try:
         cur = raw.cursor()
         cur.execute(
-            "SELECT c.lo, c.hi, c.done_at, r.segment, r.started_at, j.status, j.tenant "
+            "SELECT c.lo, c.hi, c.done_at, r.segment, r.started_at, j.status, j.tenant, "
+            "(SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)) "
             "FROM scoring_chunks c "
             "JOIN scoring_runs r ON r.id = c.run_id JOIN jobs j ON j.id = r.job_id "
             "WHERE c.run_id = %s AND c.chunk = %s FOR UPDATE OF c",
-            (str(run_id), chunk),
+            (partition_name(run_id), str(run_id), chunk),
         )
-        lo, hi, done_at, segment, started_at, status, tenant = cur.fetchone()  # type: ignore[misc]
+        row = cur.fetchone()
+        assert row is not None
+        lo, hi, done_at, segment, started_at, status, tenant, kind = row
         if done_at is not None:
             raw.rollback()
             return ChunkOutcome.ALREADY_DONE
@@ -137,6 +145,8 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
             del X
             t_write = time.perf_counter()
             multiclass = out.proba is not None
+            # A run planned before chunk tables has one plain table (see partitions).
+            chunk_table = kind != "r"
             stream = pgcopy.prediction_records(
                 run_id=run_id.bytes,
                 entity_ids=ids,
@@ -146,12 +156,31 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
                 labels=None if multiclass else out.labels,
                 classes=out.labels if multiclass else None,
                 scored_at=started_at,  # a run's rows are scored as of its start
+                constants=not chunk_table,  # a chunk table has them as its defaults
             )
+            if chunk_table:
+                table, columns = chunk_table_name(run_id, chunk), pgcopy.OWN_COLUMNS
+                cur.execute(
+                    ";\n".join(
+                        chunk_table_statements(
+                            run_id,
+                            chunk,
+                            lo,
+                            hi,
+                            started_at=started_at,
+                            model=model.name,
+                            version=model.version,
+                        )
+                    )
+                )
+            else:
+                table, columns = partition_name(run_id), pgcopy.RECORD_COLUMNS
             cur.copy_expert(
-                f'COPY "{partition_name(run_id)}" (run_id, entity_id, model, version, score, '
-                "label, predicted_class, scored_at) FROM STDIN (FORMAT binary)",
-                _Source(stream),
+                f'COPY "{table}" ({columns}) FROM STDIN (FORMAT binary)', _Source(stream)
             )
+            del stream
+            if chunk_table:
+                cur.execute(";\n".join(chunk_index_statements(run_id, chunk)))
             if model.kind == "classifier":  # probabilities: a fixed 0..1 histogram
                 hist = np.histogram(out.scores, bins=HIST_BINS, range=(0.0, 1.0))[0].tolist()
         cur.execute(

@@ -1,13 +1,21 @@
 """``predictions`` is partitioned by run: each score run writes into a partition of its
 own, and an old run is dropped whole (retention) instead of deleted row by row.
 
-A score run writes into its partition while it is a table of its own, with no index and
-not yet attached (``create_partition``): a row costs its COPY and nothing else, where
-each row into an attached partition also went into its index. The chunk that
-completes the run builds the index once, in bulk, and attaches the table
+A run's partition is itself partitioned, by entity range, into one table per chunk. The
+chunk's transaction creates its table with no index and not attached, COPYs its rows in
+(a row costs its COPY and nothing else), then builds the table's primary key in bulk
+(``chunk_table_statements``, ``chunk_index_statements``): the index builds run in the
+chunks, side by side on every worker, instead of one build over the whole run at its
+close. A chunk's table holds the run's constants (run id, model, version, ``scored_at``)
+as its column defaults, so the COPY carries only what differs per row, and a CHECK that
+holds its rows to them and to the chunk's entity range. The chunk that completes the run
+attaches every chunk's table to the run's table and that one to ``predictions``
 (``attach_partition``), in the transaction that closes the run: readers of
-``predictions`` see a run whole or not at all. The table's CHECK constraint on its run
-id lets the attach skip the scan that would prove it."""
+``predictions`` see a run whole or not at all. The CHECKs let each attach skip the scan
+that would prove it.
+
+A run planned before chunk tables has a plain table as its partition (``relkind`` 'r'):
+its chunks still write into it, and its close builds the index over the whole table."""
 
 from __future__ import annotations
 
@@ -83,28 +91,109 @@ def ensure_partition(conn: Connection, run_id: uuid.UUID) -> None:
         sql.run(conn, _create(name), _attach(name, run_id))
 
 
-def create_partition(conn: Connection, run_id: uuid.UUID, started_at: datetime) -> None:
-    """The run's table to write into, shaped like ``predictions``, with no index and not
-    attached (see the module doc); nothing if it is there. Its CHECK holds its rows to the
-    run's id and to the run's start as their ``scored_at``: within the table the primary key
-    (entity_id, scored_at, run_id) is then unique exactly when ``entity_id`` is."""
+def chunk_table_name(run_id: uuid.UUID, chunk: int) -> str:
+    """One chunk's table, a partition of the run's once the run closes."""
+    return f"predictions_{run_id.hex}_{chunk}"
+
+
+def create_partition(conn: Connection, run_id: uuid.UUID) -> None:
+    """The run's table, shaped like ``predictions`` with its primary key, partitioned by
+    entity range for its chunks' tables, not attached (see the module doc); nothing if it
+    is there."""
     name = partition_name(run_id)
     if sql.run(conn, (_EXISTS, (name,))):
         return
-    check = _ddl(
-        f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_run" '
-        f"CHECK (run_id IS NOT NULL AND run_id = '{run_id}'::uuid "
-        f"AND scored_at = '{started_at.isoformat()}'::timestamptz)"
-    )
-    sql.run(conn, _create(name), (check, ()))
+    create = f'CREATE TABLE "{name}" (LIKE predictions INCLUDING DEFAULTS INCLUDING INDEXES) '
+    sql.run(conn, (_ddl(create + "PARTITION BY RANGE (entity_id)"), ()))
+
+
+def _literal(value: object) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def chunk_table_statements(
+    run_id: uuid.UUID,
+    chunk: int,
+    lo: int,
+    hi: int,
+    *,
+    started_at: datetime,
+    model: str,
+    version: int,
+) -> list[str]:
+    """The chunk's table, before its COPY of ``pgcopy.OWN_COLUMNS``: the run's constants
+    as its defaults, and a CHECK holding its rows to them and to ids ``lo`` to ``hi``.
+    Within the table the primary key (entity_id, scored_at, run_id) is then unique exactly
+    when ``entity_id`` is."""
+    name = chunk_table_name(run_id, chunk)
+    run, ts = f"{_literal(run_id)}::uuid", f"{_literal(started_at.isoformat())}::timestamptz"
+    return [
+        f'CREATE TABLE "{name}" (LIKE predictions INCLUDING DEFAULTS)',
+        f'ALTER TABLE "{name}" ALTER run_id SET DEFAULT {run}, '
+        f"ALTER model SET DEFAULT {_literal(model)}, ALTER version SET DEFAULT {int(version)}, "
+        f"ALTER scored_at SET DEFAULT {ts}, "
+        f'ADD CONSTRAINT "{name}_rows" CHECK (run_id = {run} AND scored_at = {ts} '
+        f"AND entity_id >= {int(lo)} AND entity_id < {int(hi) + 1})",
+    ]
+
+
+def chunk_index_statements(run_id: uuid.UUID, chunk: int) -> list[str]:
+    """After the chunk's COPY: its primary key, built once over its rows (a second row for
+    an entity fails it, and the chunk with it)."""
+    name = chunk_table_name(run_id, chunk)
+    return [
+        f"SET LOCAL maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'",
+        # The other chunks keep the cores busy: a helper process per build only adds its
+        # start-up and the hand-over of its sorted run.
+        "SET LOCAL max_parallel_maintenance_workers = 0",
+        f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_pkey" '
+        "PRIMARY KEY (entity_id, scored_at, run_id)",
+    ]
+
+
+_KIND = Statement(
+    "inferq_partition_kind",
+    ("text",),
+    "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+    prepare=False,
+)
+_CHUNK_TABLES = Statement(
+    "inferq_chunk_tables",
+    ("uuid", "text"),
+    "SELECT c.chunk, c.lo, c.hi FROM scoring_chunks c "
+    "WHERE c.run_id = $1 AND to_regclass($2 || c.chunk) IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM pg_inherits i "
+    "WHERE i.inhrelid = to_regclass($2 || c.chunk)) ORDER BY c.chunk",
+    prepare=False,
+)
+
+
+def partition_kind(conn: Connection, run_id: uuid.UUID) -> str | None:
+    """'p' for a run's table of chunk tables, 'r' for a run planned before them (one
+    plain table), None if the run has no table."""
+    found = sql.run(conn, (_KIND, (partition_name(run_id),)))
+    return found[0][0] if found else None
 
 
 def attach_partition(conn: Connection, run_id: uuid.UUID) -> None:
-    """Build the run's one index (that of ``predictions``: its primary key, entity first)
-    and attach its table; nothing if it is attached. In the caller's transaction."""
+    """Attach every chunk's table to the run's table and that one to ``predictions``;
+    nothing if it is attached. In the caller's transaction."""
     name = partition_name(run_id)
     if sql.run(conn, (_ATTACHED, (name,))):
         return
+    statements: list[tuple[Statement, tuple[()]]] = []
+    if partition_kind(conn, run_id) == "r":
+        _index_whole(conn, name)
+    else:
+        for chunk, lo, hi in sql.run(conn, (_CHUNK_TABLES, (str(run_id), f"{name}_"))):
+            table = chunk_table_name(run_id, chunk)
+            attach = f'ALTER TABLE "{name}" ATTACH PARTITION "{table}" '
+            statements.append((_ddl(attach + f"FOR VALUES FROM ({lo}) TO ({hi + 1})"), ()))
+    sql.run(conn, *statements, _attach(name, run_id))  # one round trip
+
+
+def _index_whole(conn: Connection, name: str) -> None:
+    """A run's plain table (planned before chunk tables): its index, built at the close."""
     statements = [
         f"SET LOCAL maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'",
         f'CREATE UNIQUE INDEX IF NOT EXISTS "{name}_pkey" ON "{name}" '
@@ -115,7 +204,6 @@ def attach_partition(conn: Connection, run_id: uuid.UUID) -> None:
         pk = f'ALTER TABLE "{name}" ADD CONSTRAINT "{name}_pkey" '
         pk += f'PRIMARY KEY USING INDEX "{name}_pkey"'
         sql.run(conn, (_ddl(pk), ()))
-    sql.run(conn, _attach(name, run_id))
 
 
 def drop_partition(run_id: uuid.UUID) -> bool:

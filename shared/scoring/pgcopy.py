@@ -11,7 +11,15 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-__all__ = ["HEADER", "TRAILER", "read_float_rows", "prediction_records", "PG_EPOCH"]
+__all__ = [
+    "HEADER",
+    "TRAILER",
+    "read_float_rows",
+    "prediction_records",
+    "PG_EPOCH",
+    "RECORD_COLUMNS",
+    "OWN_COLUMNS",
+]
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 TRAILER = b"\xff\xff"
@@ -37,6 +45,13 @@ def read_float_rows(data: bytes | memoryview, n_float: int) -> tuple[np.ndarray,
     return ids, X
 
 
+#: The columns of a full prediction record, in stream order.
+RECORD_COLUMNS = "run_id, entity_id, model, version, score, label, predicted_class, scored_at"
+#: Those of a record without the run's constants (run_id, model, version, scored_at): for a
+#: table that has the constants as its column defaults (a score run's chunk table).
+OWN_COLUMNS = "entity_id, score, label, predicted_class"
+
+
 def prediction_records(
     *,
     run_id: bytes,
@@ -47,70 +62,61 @@ def prediction_records(
     labels: np.ndarray | None,
     scored_at: datetime,
     classes: np.ndarray | None = None,
+    constants: bool = True,
 ) -> bytes:
-    """A binary COPY stream for ``predictions (run_id, entity_id, model, version, score,
-    label, predicted_class, scored_at)``; a missing label or class is written as NULL.
+    """A binary COPY stream for ``predictions (RECORD_COLUMNS)``, or, with ``constants``
+    false, for ``(OWN_COLUMNS)`` only; a missing label or class is written as NULL.
 
     A text field's width is its length, so rows are written in one block per distinct
     class (row order means nothing to COPY).
     """
+    run = _Constants(run_id, model, version, scored_at) if constants else None
     if classes is None:
-        return (
-            HEADER
-            + _records(run_id, entity_ids, model, version, scores, labels, scored_at, None)
-            + TRAILER
-        )
+        return HEADER + _records(run, entity_ids, scores, labels, None) + TRAILER
     text = classes.astype(str)
     parts = [HEADER]
     for value in np.unique(text):
         rows = text == value
-        parts.append(
-            _records(
-                run_id, entity_ids[rows], model, version, scores[rows], None, scored_at, str(value)
-            )
-        )
+        parts.append(_records(run, entity_ids[rows], scores[rows], None, str(value)))
     parts.append(TRAILER)
     return b"".join(parts)
 
 
+class _Constants:
+    """What every row of a run shares."""
+
+    def __init__(self, run_id: bytes, model: str, version: int, scored_at: datetime) -> None:
+        self.run_id, self.name, self.version = run_id, model.encode(), version
+        self.ts = (scored_at - PG_EPOCH) // timedelta(microseconds=1)  # exact, not via a float
+
+
 def _records(
-    run_id: bytes,
+    run: _Constants | None,
     entity_ids: np.ndarray,
-    model: str,
-    version: int,
     scores: np.ndarray,
     labels: np.ndarray | None,
-    scored_at: datetime,
     cls: str | None,
 ) -> bytes:
-    name = model.encode()
-    fields = [
-        ("n", ">i2"),
-        ("run_len", ">i4"),
-        ("run", "V16"),
-        ("eid_len", ">i4"),
-        ("eid", ">i8"),
-        ("model_len", ">i4"),
-        ("model", f"S{len(name)}"),
-        ("ver_len", ">i4"),
-        ("ver", ">i4"),
-        ("score_len", ">i4"),
-        ("score", ">f8"),
-        ("label_len", ">i4"),
-    ]
+    fields: list[tuple[str, str]] = [("n", ">i2")]
+    if run is not None:
+        fields.append(("run_len", ">i4"))
+        fields.append(("run", "V16"))
+    fields += [("eid_len", ">i4"), ("eid", ">i8")]
+    if run is not None:
+        fields += [("model_len", ">i4"), ("model", f"S{len(run.name)}")]
+        fields += [("ver_len", ">i4"), ("ver", ">i4")]
+    fields += [("score_len", ">i4"), ("score", ">f8"), ("label_len", ">i4")]
     if labels is not None:
         fields.append(("label", "u1"))
     fields.append(("class_len", ">i4"))
     encoded = cls.encode() if cls is not None else b""
     if encoded:
         fields.append(("cls", f"S{len(encoded)}"))
-    fields += [("ts_len", ">i4"), ("ts", ">i8")]
+    if run is not None:
+        fields += [("ts_len", ">i4"), ("ts", ">i8")]
     rec = np.empty(len(entity_ids), dtype=np.dtype(fields))
-    rec["n"] = 8
-    rec["run_len"], rec["run"] = 16, np.frombuffer(run_id, dtype="V16")[0]
+    rec["n"] = 8 if run is not None else 4
     rec["eid_len"], rec["eid"] = 8, entity_ids
-    rec["model_len"], rec["model"] = len(name), name
-    rec["ver_len"], rec["ver"] = 4, version
     rec["score_len"], rec["score"] = 8, scores
     if labels is not None:
         rec["label_len"], rec["label"] = 1, labels.astype(np.uint8)
@@ -122,6 +128,9 @@ def _records(
             rec["cls"] = encoded
     else:
         rec["class_len"] = -1
-    rec["ts_len"] = 8
-    rec["ts"] = (scored_at - PG_EPOCH) // timedelta(microseconds=1)  # exact, not via a float
+    if run is not None:
+        rec["run_len"], rec["run"] = 16, np.frombuffer(run.run_id, dtype="V16")[0]
+        rec["model_len"], rec["model"] = len(run.name), run.name
+        rec["ver_len"], rec["ver"] = 4, run.version
+        rec["ts_len"], rec["ts"] = 8, run.ts
     return rec.tobytes()

@@ -155,7 +155,7 @@ def plan(session: Session, job: Job, *, chunk_rows: int) -> list[ScoringChunk]:
                 ScoringChunk(run_id=run.id, chunk=i, lo=int(bounds[i]), hi=int(bounds[i + 1]) - 1)
                 for i in range(n)
             )
-        create_partition(conn, run.id, run.started_at)
+        create_partition(conn, run.id)
         run.chunks_total, run.rows_total = n, total
         job_row = session.get(Job, job.id)
         if job_row is not None:
@@ -183,7 +183,7 @@ def finalize(session: Session, run_id: uuid.UUID, *, public_url: str = "") -> di
         return None
     t0 = time.perf_counter()
     attach_partition(session.connection(), run_id)  # its rows become readable with the run
-    log.info("run %s: indexed and attached in %.2f s", run_id, time.perf_counter() - t0)
+    log.info("run %s: attached in %.2f s", run_id, time.perf_counter() - t0)
     hists = session.scalars(select(ScoringChunk.histogram).where(ScoringChunk.run_id == run_id))
     counts = np.sum([h for h in hists if h] or [[0] * HIST_BINS], axis=0).tolist()
     now = datetime.now(UTC)
