@@ -425,8 +425,8 @@ def run_floor(version: int) -> FloorResult:
             scored_at=scored_at,
             constants=False,
         )
-        cur.execute("DROP TABLE IF EXISTS bench_floor")
-        for statement in chunk_table_statements(
+        floor = chunk_table_name(run_id, 0)  # a chunk's table, as the workers create it
+        ddl = chunk_table_statements(
             run_id,
             0,
             int(ids.min()),
@@ -434,17 +434,17 @@ def run_floor(version: int) -> FloorResult:
             started_at=scored_at,
             model="churn",
             version=version,
-        ):
-            cur.execute(statement.replace(f'"{chunk_table_name(run_id, 0)}"', "bench_floor"))
+        )
+        cur.execute(";\n".join(ddl))
         raw.commit()
         t0 = time.perf_counter()
         cur.copy_expert(
-            f"COPY bench_floor ({pgcopy.OWN_COLUMNS}) FROM STDIN (FORMAT binary)",
+            f'COPY "{floor}" ({pgcopy.OWN_COLUMNS}) FROM STDIN (FORMAT binary)',
             io.BytesIO(stream),
         )
         raw.commit()
         res.copy_in_s = time.perf_counter() - t0
-        cur.execute("DROP TABLE bench_floor")
+        cur.execute(f'DROP TABLE "{floor}"')
         raw.commit()
     finally:
         raw.close()

@@ -157,13 +157,13 @@ _KIND = Statement(
     "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
     prepare=False,
 )
+#: The chunks that wrote a table (an empty chunk writes none). Only the close attaches
+#: them, in one transaction with the run's own attach: none is attached before it.
 _CHUNK_TABLES = Statement(
     "inferq_chunk_tables",
     ("uuid", "text"),
     "SELECT c.chunk, c.lo, c.hi FROM scoring_chunks c "
-    "WHERE c.run_id = $1 AND to_regclass($2 || c.chunk) IS NOT NULL "
-    "AND NOT EXISTS (SELECT 1 FROM pg_inherits i "
-    "WHERE i.inhrelid = to_regclass($2 || c.chunk)) ORDER BY c.chunk",
+    "WHERE c.run_id = $1 AND to_regclass($2 || c.chunk) IS NOT NULL ORDER BY c.chunk",
     prepare=False,
 )
 
