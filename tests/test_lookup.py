@@ -154,3 +154,55 @@ def test_what_it_cannot_follow_stays_on_scikit_learn(train, rows, pre, caplog, r
     assert np.array_equal(
         model.predict_rows(plain_rows(full)).scores, pipeline.predict_proba(full)[:, 1]
     )
+
+
+def _regressor(model: Any, train: pd.DataFrame) -> LoadedModel:
+    schema = infer(model, sample=train[FEATURES].head(200))
+    return build(
+        "m", 1, kind="regressor", estimator=model, schema=schema, threshold=None, classes=None
+    )
+
+
+def test_gradient_boosted_trees_walk_compiled_to_the_same_bits(train, rows) -> None:
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    onehot = ColumnTransformer(
+        [("cat", OneHotEncoder(handle_unknown="ignore"), STRINGS)], remainder="passthrough"
+    )
+    gaps = train.copy()
+    gaps.loc[gaps.index[::5], "income"] = np.nan  # missing values in fit: both directions
+    binary = gbt_pipeline(gaps)
+    many = Pipeline([("pre", onehot), ("gbt", HistGradientBoostingClassifier(max_iter=15))])
+    many.fit(gaps[FEATURES], gaps["plan"])  # three classes: three trees an iteration
+    reg = Pipeline([("pre", onehot), ("gbt", HistGradientBoostingRegressor(max_iter=20))])
+    reg.fit(gaps[FEATURES], gaps["income"].fillna(0) / 1000 + gaps["tickets"])
+    probe = rows.dropna().copy()
+    probe.loc[probe.index[::3], "income"] = np.nan
+    for pipeline, model in [
+        (binary, _loaded(binary, gaps, [False, True])),
+        (many, _loaded(many, gaps, sorted(many.classes_.tolist()))),
+        (reg, _regressor(reg, gaps)),
+    ]:
+        assert model.runtime == "sklearn_lookup"
+        assert model._codes is not None and model._codes.trees  # type: ignore[attr-defined]
+        out = model.predict_codes(_codes(model, probe))
+        if pipeline is reg:
+            assert np.array_equal(out.scores, pipeline.predict(probe))
+        elif pipeline is many:
+            assert np.array_equal(out.proba, pipeline.predict_proba(probe))
+            assert out.labels.tolist() == pipeline.predict(probe).tolist()
+        else:
+            assert np.array_equal(out.scores, pipeline.predict_proba(probe)[:, 1])
+
+
+def test_trees_with_a_categorical_split_keep_scikit_learns_walk(train, rows) -> None:
+    ordinal = ColumnTransformer([("cat", OrdinalEncoder(), STRINGS)], remainder="passthrough")
+    gbt = HistGradientBoostingClassifier(max_iter=10, categorical_features=[0, 1])
+    pipeline = Pipeline([("pre", ordinal), ("gbt", gbt)]).fit(train[FEATURES], train["churned"])
+    model = _loaded(pipeline, train, [False, True])
+    assert model.runtime == "sklearn_lookup"
+    assert model._codes is not None and not model._codes.trees  # type: ignore[attr-defined]
+    full = rows.dropna()
+    assert np.array_equal(
+        model.predict_codes(_codes(model, full)).scores, pipeline.predict_proba(full)[:, 1]
+    )

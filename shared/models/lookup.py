@@ -34,6 +34,7 @@ import numpy as np
 
 from shared.models.encoding import columns_from_codes, model_input
 from shared.models.runtime import Kind, Output, SklearnRuntime, validation_sample
+from shared.models.trees import compiled
 
 __all__ = ["LookupRuntime", "MAX_COMBINATIONS"]
 
@@ -172,6 +173,8 @@ class LookupRuntime:
         self._blocks = blocks
         self._tail = tail
         self._reference = reference
+        #: Whether the last step predicts through ``shared.models.trees``' compiled walk.
+        self.trees = False
 
     @classmethod
     def load(
@@ -192,16 +195,22 @@ class LookupRuntime:
             return reference.predict(model_input(columns_from_codes(X, schema), schema))
 
         steps = [s for _, s in estimator.steps[1:] if s not in (None, "passthrough")]
-        runtime = cls(blocks, SklearnRuntime(_Tail(steps), kind), from_frame)
-        try:
-            same = all(_same(from_frame, runtime.predict, X) for X in _samples(schema))
-        except Exception as exc:
-            log.info("the lookup runtime failed on the validation sample: %s", exc)
-            return None
-        if not same:
-            log.warning("lookup output differs from scikit-learn's; keeping scikit-learn")
-            return None
-        return runtime
+        # The last step's compiled trees where they give its answers, else the step itself.
+        fast = compiled(steps[-1]) if steps else None
+        for last in ([fast] if fast is not None else []) + steps[-1:]:
+            runtime = cls(blocks, SklearnRuntime(_Tail([*steps[:-1], last]), kind), from_frame)
+            try:
+                same = all(_same(from_frame, runtime.predict, X) for X in _samples(schema))
+            except Exception as exc:
+                log.info("the lookup runtime failed on the validation sample: %s", exc)
+                return None
+            if same:
+                runtime.trees = last is fast
+                return runtime
+            if last is fast:
+                log.warning("compiled trees differ from scikit-learn's; keeping its trees")
+        log.warning("lookup output differs from scikit-learn's; keeping scikit-learn")
+        return None
 
     def predict(self, X: Any) -> Output:
         X = np.asarray(X, dtype=np.float64)

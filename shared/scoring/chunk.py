@@ -43,10 +43,11 @@ def _select_features(schema: dict[str, Any]) -> str:
     for f in schema["features"]:
         col = quote(f["name"])
         if f["type"] == "str":
-            cats = ",".join("'" + c.replace("'", "''") + "'" for c in f["categories"])
-            cols.append(
-                f"COALESCE(array_position(ARRAY[{cats}]::text[], {col}::text) - 1, -1)::float8"
+            whens = " ".join(
+                f"WHEN '{c.replace(chr(39), chr(39) * 2)}' THEN {i}"
+                for i, c in enumerate(f["categories"])
             )
+            cols.append(f"(CASE {col}::text {whens} ELSE -1 END)::float8")
         elif f["type"] == "bool":
             cols.append(f"COALESCE({col}::int::float8, 'NaN')")
         else:
@@ -63,7 +64,7 @@ def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray
     assert ft is not None
     if _binary_readable(schema):
         query = query_of(f"{quote(ft.key)}::int8, {_select_features(schema)}")
-        buf = _Sink()
+        buf = io.BytesIO()  # psycopg2 writes once a row: a C method, no Python frame
         cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buf)
         ids, X = pgcopy.read_float_rows(buf.getvalue(), len(schema["features"]))
         return ids, X, True
@@ -71,7 +72,7 @@ def _read_chunk(cur: Any, model: LoadedModel, query_of: Any) -> tuple[np.ndarray
 
     names = [f["name"] for f in schema["features"]]
     query = query_of(", ".join([f"{quote(ft.key)}::int8"] + [quote(n) for n in names]))
-    buf = _Sink()
+    buf = io.BytesIO()
     cur.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT csv)", buf)
     dtypes = {f["name"]: object for f in schema["features"] if f["type"] == "str"}
     frame = pd.read_csv(
@@ -176,7 +177,7 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
             else:
                 table, columns = partition_name(run_id), pgcopy.RECORD_COLUMNS
             cur.copy_expert(
-                f'COPY "{table}" ({columns}) FROM STDIN (FORMAT binary)', _Source(stream)
+                f'COPY "{table}" ({columns}) FROM STDIN (FORMAT binary)', io.BytesIO(stream)
             )
             del stream
             if chunk_table:
@@ -216,34 +217,3 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
         raise
     finally:
         raw.close()
-
-
-class _Sink:
-    """A write-only file for COPY TO, keeping the chunks it is given (no re-copying)."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self._parts.append(bytes(data))
-        return len(data)
-
-    def getvalue(self) -> bytes:
-        return b"".join(self._parts)
-
-
-class _Source:
-    """A read-only file over bytes for COPY FROM."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            size = len(self._view) - self._pos
-        out = self._view[self._pos : self._pos + size]
-        self._pos += len(out)
-        return bytes(out)
-
-    readline = read
