@@ -234,6 +234,56 @@ def test_a_score_job_over_the_models_own_feature_table(stack: Stack, admin, clie
     assert r.status_code == 422 and "account_id" in r.text  # the key is the table's own
 
 
+def test_a_chunk_the_model_cannot_score_fails_its_job_once(stack: Stack, admin, client, data):
+    """The model's own error while a chunk is predicted and written: the job fails with it,
+    at the first attempt (not retried as a database error), and writes nothing."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    train = data[0]
+    pre = ColumnTransformer(
+        [("cat", OneHotEncoder(handle_unknown="error"), ["plan", "region"])],
+        remainder="passthrough",
+    )
+    strict = Pipeline([("pre", pre), ("gbt", HistGradientBoostingClassifier(max_iter=10))])
+    strict.fit(train[FEATURES], train["churned"])
+    table = "userdata." + unique("strict").replace("-", "_")
+    _create_table(table, accounts(5_000, seed=4))
+    with get_engine().begin() as conn:  # a plan the encoder has never seen, late in a chunk
+        conn.execute(text(f"UPDATE {table} SET plan = 'platinum' WHERE account_id = 4321"))
+    name = unique("strict")
+    blob, untrusted = skops_bytes(strict)
+    r = upload(
+        admin,
+        name,
+        blob,
+        sample=plain_rows(train[FEATURES].head(100)),
+        trusted=untrusted,
+        feature_table=table,
+        key="account_id",
+        promote=True,
+    )
+    assert r.status_code == 201, r.text
+    r = submit(client, type="score", model=name)
+    assert r.status_code == 202, r.text
+    job = wait_done(client, r.json()["id"], timeout=120)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "prediction_failed", job["error"]
+    message = job["error"]["message"]
+    assert "ValueError" in message and "unknown categor" in message, message
+    assert "COPY" not in message, message  # the model's error, not the write's
+    with session_scope() as session:
+        attempts = session.execute(
+            text("SELECT max(attempts) FROM scoring_chunks WHERE run_id = :r"), {"r": job["id"]}
+        ).scalar()
+        written = session.execute(
+            text("SELECT count(*) FROM predictions WHERE run_id = :r"), {"r": job["id"]}
+        ).scalar()
+    assert attempts == 1 and written == 0
+
+
 def test_an_untrusted_skops_type_is_refused_unless_trusted(stack: Stack, admin, data, gbt) -> None:
     name = unique("untrusted")
     blob, untrusted = skops_bytes(gbt)

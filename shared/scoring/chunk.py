@@ -10,6 +10,7 @@ import io
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,9 @@ from shared.scoring.partitions import (
 from shared.scoring.plan import HIST_BINS, _where
 
 log = logging.getLogger(__name__)
+
+#: Rows predicted and sent at a time within a chunk.
+BLOCK_ROWS = 16_384
 
 
 def _binary_readable(schema: dict[str, Any]) -> bool:
@@ -138,27 +142,12 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
         t_read = time.perf_counter()
         ids, X, codes = _read_chunk(cur, model, query_of)
         n = len(ids)
-        t_predict = time.perf_counter()
-        t_write = t_predict
+        t_write = time.perf_counter()
         hist = [0] * HIST_BINS
+        stream = None
         if n:
-            out = model.predict_codes(X) if codes else model.predict(X)
-            del X
-            t_write = time.perf_counter()
-            multiclass = out.proba is not None
             # A run planned before chunk tables has one plain table (see partitions).
             chunk_table = kind != "r"
-            stream = pgcopy.prediction_records(
-                run_id=run_id.bytes,
-                entity_ids=ids,
-                model=model.name,
-                version=model.version,
-                scores=out.scores,
-                labels=None if multiclass else out.labels,
-                classes=out.labels if multiclass else None,
-                scored_at=started_at,  # a run's rows are scored as of its start
-                constants=not chunk_table,  # a chunk table has them as its defaults
-            )
             if chunk_table:
                 table, columns = chunk_table_name(run_id, chunk), pgcopy.OWN_COLUMNS
                 cur.execute(
@@ -176,14 +165,26 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
                 )
             else:
                 table, columns = partition_name(run_id), pgcopy.RECORD_COLUMNS
-            cur.copy_expert(
-                f'COPY "{table}" ({columns}) FROM STDIN (FORMAT binary)', io.BytesIO(stream)
+            stream = _Predicted(
+                model,
+                X,
+                codes,
+                ids,
+                run_id=run_id.bytes,
+                scored_at=started_at,  # a run's rows are scored as of its start
+                constants=not chunk_table,  # a chunk table has them as its defaults
             )
-            del stream
+            del X
+            try:
+                cur.copy_expert(f'COPY "{table}" ({columns}) FROM STDIN (FORMAT binary)', stream)
+            except Exception:
+                if stream.error is not None:  # the model's, not the database's: as is
+                    raise stream.error from None
+                raise
             if chunk_table:
                 cur.execute(";\n".join(chunk_index_statements(run_id, chunk)))
             if model.kind == "classifier":  # probabilities: a fixed 0..1 histogram
-                hist = np.histogram(out.scores, bins=HIST_BINS, range=(0.0, 1.0))[0].tolist()
+                hist = np.histogram(stream.scores, bins=HIST_BINS, range=(0.0, 1.0))[0].tolist()
         cur.execute(
             "UPDATE scoring_chunks SET rows = %s, histogram = %s::jsonb, done_at = now() "
             "WHERE run_id = %s AND chunk = %s",
@@ -203,13 +204,14 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
         )
         raw.commit()
         t_end = time.perf_counter()
+        predict_s = stream.predict_s if stream is not None else 0.0
         log.info(
-            "chunk %d: %d rows, read %.3f s, predict %.3f s, write and commit %.3f s",
+            "chunk %d: %d rows, read %.3f s, predict %.3f s, write, index and commit %.3f s",
             chunk,
             n,
-            t_predict - t_read,
-            t_write - t_predict,
-            t_end - t_write,
+            t_write - t_read,
+            predict_s,
+            t_end - t_write - predict_s,
         )
         return ChunkOutcome.SCORED
     except BaseException:
@@ -217,3 +219,67 @@ def score_chunk(engine: Engine, model: LoadedModel, run_id: uuid.UUID, chunk: in
         raise
     finally:
         raw.close()
+
+
+class _Predicted:
+    """A chunk's COPY FROM stream, predicted a block at a time as PostgreSQL asks for it:
+    the server stores one block while the worker predicts the next (a COPY's data is sent
+    ahead, not acknowledged row by row). ``scores`` holds every row's score once read."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        X: Any,
+        codes: bool,
+        ids: np.ndarray,
+        *,
+        run_id: bytes,
+        scored_at: Any,
+        constants: bool,
+    ) -> None:
+        self.scores = np.empty(len(ids), dtype=np.float64)
+        self.predict_s = 0.0
+        self.error: Exception | None = None
+        self._blocks = self._encode(model, X, codes, ids, run_id, scored_at, constants)
+
+    def _encode(
+        self,
+        model: LoadedModel,
+        X: Any,
+        codes: bool,
+        ids: np.ndarray,
+        run_id: bytes,
+        scored_at: Any,
+        constants: bool,
+    ) -> Iterator[bytes]:
+        yield pgcopy.HEADER
+        # Codes are sliced into blocks; another model input is predicted in one call.
+        step = BLOCK_ROWS if codes else max(1, len(ids))
+        for lo in range(0, len(ids), step):
+            t0 = time.perf_counter()
+            out = model.predict_codes(X[lo : lo + step]) if codes else model.predict(X)
+            self.predict_s += time.perf_counter() - t0
+            multiclass = out.proba is not None
+            self.scores[lo : lo + len(out.scores)] = out.scores
+            yield pgcopy.prediction_records(
+                run_id=run_id,
+                entity_ids=ids[lo : lo + step],
+                model=model.name,
+                version=model.version,
+                scores=out.scores,
+                labels=None if multiclass else out.labels,
+                classes=out.labels if multiclass else None,
+                scored_at=scored_at,
+                constants=constants,
+                framed=False,
+            )
+        yield pgcopy.TRAILER
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return next(self._blocks, b"")
+        except Exception as exc:  # psycopg2 would report it as a cancelled COPY
+            self.error = exc
+            raise
+
+    readline = read

@@ -63,22 +63,25 @@ def prediction_records(
     scored_at: datetime,
     classes: np.ndarray | None = None,
     constants: bool = True,
+    framed: bool = True,
 ) -> bytes:
     """A binary COPY stream for ``predictions (RECORD_COLUMNS)``, or, with ``constants``
     false, for ``(OWN_COLUMNS)`` only; a missing label or class is written as NULL.
 
     A text field's width is its length, so rows are written in one block per distinct
-    class (row order means nothing to COPY).
+    class (row order means nothing to COPY). With ``framed`` false, the rows alone (no
+    header, no trailer): a part of a stream.
     """
     run = _Constants(run_id, model, version, scored_at) if constants else None
+    head, tail = (HEADER, TRAILER) if framed else (b"", b"")
     if classes is None:
-        return HEADER + _records(run, entity_ids, scores, labels, None) + TRAILER
+        return head + _records(run, entity_ids, scores, labels, None) + tail
     text = classes.astype(str)
-    parts = [HEADER]
+    parts = [head]
     for value in np.unique(text):
         rows = text == value
         parts.append(_records(run, entity_ids[rows], scores[rows], None, str(value)))
-    parts.append(TRAILER)
+    parts.append(tail)
     return b"".join(parts)
 
 
