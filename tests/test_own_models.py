@@ -185,23 +185,29 @@ def _io(s: str):
     return io.StringIO(s)
 
 
-def test_a_score_job_over_the_models_own_feature_table(stack: Stack, admin, client, gbt) -> None:
-    table = "userdata." + unique("accounts").replace("-", "_")
-    frame = accounts(25_000, seed=2)  # three chunks of 10,000 ids
-    _create_table(table, frame)
-    name = unique("gbt-table")
-    blob, untrusted = skops_bytes(gbt)
+def _upload_over(admin: httpx.Client, name: str, model, sample: pd.DataFrame, table: str):
+    """Register ``model`` as ``name`` over its feature table, promoted."""
+    blob, untrusted = skops_bytes(model)
     r = upload(
         admin,
         name,
         blob,
-        sample=plain_rows(frame[FEATURES].head(100)),
+        sample=plain_rows(sample[FEATURES].head(100)),
         trusted=untrusted,
         feature_table=table,
         key="account_id",
         promote=True,
     )
     assert r.status_code == 201, r.text
+    return r
+
+
+def test_a_score_job_over_the_models_own_feature_table(stack: Stack, admin, client, gbt) -> None:
+    table = "userdata." + unique("accounts").replace("-", "_")
+    frame = accounts(25_000, seed=2)  # three chunks of 10,000 ids
+    _create_table(table, frame)
+    name = unique("gbt-table")
+    r = _upload_over(admin, name, gbt, frame, table)
     assert r.json()["input_schema"]["feature_table"] == table
 
     r = submit(client, type="score", model=name)
@@ -254,21 +260,14 @@ def test_a_chunk_the_model_cannot_score_fails_its_job_once(stack: Stack, admin, 
     with get_engine().begin() as conn:  # a plan the encoder has never seen, late in a chunk
         conn.execute(text(f"UPDATE {table} SET plan = 'platinum' WHERE account_id = 4321"))
     name = unique("strict")
-    blob, untrusted = skops_bytes(strict)
-    r = upload(
-        admin,
-        name,
-        blob,
-        sample=plain_rows(train[FEATURES].head(100)),
-        trusted=untrusted,
-        feature_table=table,
-        key="account_id",
-        promote=True,
-    )
-    assert r.status_code == 201, r.text
+    _upload_over(admin, name, strict, train, table)
     r = submit(client, type="score", model=name)
     assert r.status_code == 202, r.text
-    job = wait_done(client, r.json()["id"], timeout=120)
+    try:
+        job = wait_done(client, r.json()["id"], timeout=120)
+    finally:  # later tests score every model's table (the nightly run)
+        with get_engine().begin() as conn:
+            conn.execute(text(f"UPDATE {table} SET plan = 'basic' WHERE account_id = 4321"))
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "prediction_failed", job["error"]
     message = job["error"]["message"]

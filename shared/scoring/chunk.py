@@ -240,17 +240,12 @@ class _Predicted:
         self.scores = np.empty(len(ids), dtype=np.float64)
         self.predict_s = 0.0
         self.error: Exception | None = None
-        self._blocks = self._encode(model, X, codes, ids, run_id, scored_at, constants)
+        self._blocks = self._encode(
+            model, X, codes, ids, dict(run_id=run_id, scored_at=scored_at, constants=constants)
+        )
 
     def _encode(
-        self,
-        model: LoadedModel,
-        X: Any,
-        codes: bool,
-        ids: np.ndarray,
-        run_id: bytes,
-        scored_at: Any,
-        constants: bool,
+        self, model: LoadedModel, X: Any, codes: bool, ids: np.ndarray, run: dict[str, Any]
     ) -> Iterator[bytes]:
         yield pgcopy.HEADER
         # Codes are sliced into blocks; another model input is predicted in one call.
@@ -262,16 +257,14 @@ class _Predicted:
             multiclass = out.proba is not None
             self.scores[lo : lo + len(out.scores)] = out.scores
             yield pgcopy.prediction_records(
-                run_id=run_id,
                 entity_ids=ids[lo : lo + step],
                 model=model.name,
                 version=model.version,
                 scores=out.scores,
                 labels=None if multiclass else out.labels,
                 classes=out.labels if multiclass else None,
-                scored_at=scored_at,
-                constants=constants,
                 framed=False,
+                **run,
             )
         yield pgcopy.TRAILER
 
