@@ -104,7 +104,7 @@ COPY_ROWS = 100_000
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
 SCORE_TIMEOUT_S = 3_600.0
-_LOADED = re.compile(r"loaded (\S+) v(\d+) \(runtime (\w+)\)")
+_LOADED = re.compile(r"loaded (\S+) v(\d+) \(runtime (\w+(?:, compiled trees)?)\)")
 #: Lines of the supervisor's own output worth showing: its notices and anything above INFO.
 _NOTABLE = re.compile(r'^inferq: |"level": "(WARNING|ERROR|CRITICAL)"|Traceback|Error\b')
 _PG_PROBLEM = re.compile(r"\b(WARNING|ERROR|FATAL|PANIC):")
@@ -748,7 +748,7 @@ def measure(run: Run, stack: Stack) -> None:
         run.one_row = bare_one_row(pipeline, sent[: args.bare_rows])
         run.one_call = bare_one_call(pipeline, sent)
         model = worker_runtime(int(run.model["version"]))
-        run.runtime_name = model.runtime
+        run.runtime_name = model.runtime + (", compiled trees" if model.compiled_trees else "")
         run.runtime_row = runtime_one_row(model, sent[: args.bare_rows])
 
         say(f"score job over {n:,} rows ...")

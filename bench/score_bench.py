@@ -249,7 +249,7 @@ def run_timeline(path: Path, job_id: str) -> str:
             first = first or stamp
             m = re.match(
                 r"chunk \d+: \d+ rows, read ([\d.]+) s, predict ([\d.]+) s, "
-                r"write and commit ([\d.]+) s",
+                r"write(?:, index)? and commit ([\d.]+) s",
                 message,
             )
             if m:
@@ -264,8 +264,8 @@ def run_timeline(path: Path, job_id: str) -> str:
     span = f"{(last - first).total_seconds():.2f} s" if first and last else "?"
     return (
         f"timeline: {chunks} chunks in {span} of wall time (first log line to last chunk), "
-        f"summed over processes read {read:.2f} s, predict {predict:.2f} s, write and "
-        f"commit {write:.2f} s; attach at the close {close:.2f} s"
+        f"summed over processes read {read:.2f} s, predict {predict:.2f} s, write, index "
+        f"and commit {write:.2f} s; attach at the close {close:.2f} s"
     )
 
 

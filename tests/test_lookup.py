@@ -184,7 +184,7 @@ def test_gradient_boosted_trees_walk_compiled_to_the_same_bits(train, rows) -> N
         (reg, _regressor(reg, gaps)),
     ]:
         assert model.runtime == "sklearn_lookup"
-        assert model._codes is not None and model._codes.trees  # type: ignore[attr-defined]
+        assert model.compiled_trees
         out = model.predict_codes(_codes(model, probe))
         if pipeline is reg:
             assert np.array_equal(out.scores, pipeline.predict(probe))
@@ -201,7 +201,7 @@ def test_trees_with_a_categorical_split_keep_scikit_learns_walk(train, rows) -> 
     pipeline = Pipeline([("pre", ordinal), ("gbt", gbt)]).fit(train[FEATURES], train["churned"])
     model = _loaded(pipeline, train, [False, True])
     assert model.runtime == "sklearn_lookup"
-    assert model._codes is not None and not model._codes.trees  # type: ignore[attr-defined]
+    assert not model.compiled_trees
     full = rows.dropna()
     assert np.array_equal(
         model.predict_codes(_codes(model, full)).scores, pipeline.predict_proba(full)[:, 1]

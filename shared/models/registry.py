@@ -89,6 +89,11 @@ class LoadedModel:
         assert self._runtime is not None
         return (self._codes or self._runtime).name
 
+    @property
+    def compiled_trees(self) -> bool:
+        """Whether its trees are walked by ``shared.models.trees``' compiled loop."""
+        return bool(getattr(self._codes, "trees", False))
+
     def use(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
@@ -340,7 +345,13 @@ class ModelCache:
                     raise LookupError(f"model {name!r} has no version {version}")
                 model = load_version(session, mv)
                 self._models[key] = model
-                log.info("loaded %s v%s (runtime %s)", name, version, model.runtime)
+                log.info(
+                    "loaded %s v%s (runtime %s%s)",
+                    name,
+                    version,
+                    model.runtime,
+                    ", compiled trees" if model.compiled_trees else "",
+                )
             return model
 
     def warm(self, session: Session) -> list[tuple[str, int]]:
