@@ -206,3 +206,16 @@ def test_trees_with_a_categorical_split_keep_scikit_learns_walk(train, rows) -> 
     assert np.array_equal(
         model.predict_codes(_codes(model, full)).scores, pipeline.predict_proba(full)[:, 1]
     )
+
+
+def test_compiled_trees_can_be_turned_off(train, monkeypatch) -> None:
+    from shared.config import get_settings
+
+    monkeypatch.setenv("INFERQ_COMPILED_TREES", "false")
+    get_settings.cache_clear()
+    try:
+        model = _loaded(gbt_pipeline(train), train, [False, True])
+    finally:
+        monkeypatch.delenv("INFERQ_COMPILED_TREES")
+        get_settings.cache_clear()
+    assert model.runtime == "sklearn_lookup" and not model.compiled_trees

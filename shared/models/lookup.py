@@ -178,9 +178,16 @@ class LookupRuntime:
 
     @classmethod
     def load(
-        cls, estimator: Any, kind: Kind, schema: dict[str, Any], reference: SklearnRuntime
+        cls,
+        estimator: Any,
+        kind: Kind,
+        schema: dict[str, Any],
+        reference: SklearnRuntime,
+        *,
+        trees: bool = True,
     ) -> LookupRuntime | None:
-        """The runtime if it gives ``reference``'s answers to the bit, else None."""
+        """The runtime if it gives ``reference``'s answers to the bit, else None; with
+        ``trees``, its last step's trees compiled where that too gives them."""
         if schema.get("input") != "frame":
             return None
         try:
@@ -196,7 +203,7 @@ class LookupRuntime:
 
         steps = [s for _, s in estimator.steps[1:] if s not in (None, "passthrough")]
         # The last step's compiled trees where they give its answers, else the step itself.
-        fast = compiled(steps[-1]) if steps else None
+        fast = compiled(steps[-1]) if steps and trees else None
         for last in ([fast] if fast is not None else []) + steps[-1:]:
             runtime = cls(blocks, SklearnRuntime(_Tail([*steps[:-1], last]), kind), from_frame)
             try:

@@ -298,7 +298,9 @@ def build(
             model.use(fast)
     if model.runtime == "sklearn":
         assert isinstance(model._runtime, SklearnRuntime)
-        lookup = LookupRuntime.load(estimator, model.spec, schema, model._runtime)
+        lookup = LookupRuntime.load(
+            estimator, model.spec, schema, model._runtime, trees=get_settings().compiled_trees
+        )
         if lookup is not None:
             model.use_codes(lookup)
     return model
