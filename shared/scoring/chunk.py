@@ -1,8 +1,8 @@
-"""One chunk of a score run: its rows streamed out of the feature table with a COPY,
-predicted in one call, and COPYed back into a table of its own (a partition of the run's
-partition of ``predictions`` once the run closes, see ``shared.scoring.partitions``),
-indexed, in the transaction that marks the chunk done, under the chunk's row lock (a
-chunk delivered twice writes once)."""
+"""One chunk of a score run: its rows streamed out of the feature table with a COPY, then
+predicted a block at a time as they are COPYed back into a table of its own (a partition
+of the run's partition of ``predictions`` once the run closes, see
+``shared.scoring.partitions``), indexed, in the transaction that marks the chunk done,
+under the chunk's row lock (a chunk delivered twice writes once)."""
 
 from __future__ import annotations
 
