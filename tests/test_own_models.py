@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sqlalchemy import text
 
 from shared.db import get_engine, session_scope
+from shared.scoring.partitions import chunk_table_name
 from tests.conftest import ROOT, Stack, submit, wait_done
 from tests.factories import (
     FEATURES,
@@ -257,7 +259,7 @@ def test_a_chunk_the_model_cannot_score_fails_its_job_once(stack: Stack, admin, 
     strict.fit(train[FEATURES], train["churned"])
     table = "userdata." + unique("strict").replace("-", "_")
     _create_table(table, accounts(5_000, seed=4))
-    with get_engine().begin() as conn:  # a plan the encoder has never seen, late in a chunk
+    with get_engine().begin() as conn:  # a plan the encoder has never seen
         conn.execute(text(f"UPDATE {table} SET plan = 'platinum' WHERE account_id = 4321"))
     name = unique("strict")
     _upload_over(admin, name, strict, train, table)
@@ -277,10 +279,19 @@ def test_a_chunk_the_model_cannot_score_fails_its_job_once(stack: Stack, admin, 
         attempts = session.execute(
             text("SELECT max(attempts) FROM scoring_chunks WHERE run_id = :r"), {"r": job["id"]}
         ).scalar()
-        written = session.execute(
-            text("SELECT count(*) FROM predictions WHERE run_id = :r"), {"r": job["id"]}
+        chunk, done = session.execute(
+            text(
+                "SELECT chunk, done_at IS NOT NULL FROM scoring_chunks "
+                "WHERE run_id = :r AND 4321 BETWEEN lo AND hi"
+            ),
+            {"r": job["id"]},
+        ).one()
+        table_left = session.execute(
+            text("SELECT to_regclass(:t) IS NOT NULL"),
+            {"t": chunk_table_name(uuid.UUID(job["id"]), chunk)},
         ).scalar()
-    assert attempts == 1 and written == 0
+    assert attempts == 1
+    assert not done and not table_left  # the failed chunk's table went with its transaction
 
 
 def test_an_untrusted_skops_type_is_refused_unless_trusted(stack: Stack, admin, data, gbt) -> None:
