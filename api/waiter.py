@@ -1,8 +1,9 @@
 """Long-poll support: one Redis subscription per API process wakes every waiting request.
 
-Workers publish a job's id (with its hot copy, when small) on the done channel when the
-job ends. A request registers its interest *before* it looks the job up, so an end that
-lands between the look-up and the wait still wakes it.
+Workers publish the ids of the jobs that end (with their hot copies, when small) on the
+done channel, one message per batch of jobs that ended together. A request registers its
+interest *before* it looks the job up, so an end that lands between the look-up and the
+wait still wakes it.
 
 The process also remembers, for a little while, what it has seen: the hot copies that
 rode on done messages and the tenants of the jobs it accepted itself. A client that
@@ -22,7 +23,7 @@ from typing import Generic, TypeVar
 from redis.asyncio import Redis
 
 from shared.config import get_settings
-from shared.jobs.fields import DONE_CHANNEL, read_done_message
+from shared.jobs.fields import DONE_CHANNEL, read_done_messages
 
 __all__ = ["Waiter", "waiter", "RECENT_JOBS", "RECENT_BYTES"]
 
@@ -121,12 +122,12 @@ class Waiter:
                 async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(channel)
                     async for message in pubsub.listen():
-                        job_id, doc = read_done_message(message["data"])
-                        if doc is not None:
-                            self._ended[job_id] = doc
-                        for event in self._events.get(job_id, ()):
-                            event.doc = doc
-                            event.set()
+                        for job_id, doc in read_done_messages(message["data"]):
+                            if doc is not None:
+                                self._ended[job_id] = doc
+                            for event in self._events.get(job_id, ()):
+                                event.doc = doc
+                                event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

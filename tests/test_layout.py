@@ -114,6 +114,32 @@ def test_a_queued_job_is_shown_the_same_way_by_the_hot_copy_and_the_ledger() -> 
     assert read_done_message(done_message(row.id, "x" * 20_000).encode()) == (str(row.id), None)
 
 
+def test_jobs_that_end_together_share_done_messages_and_each_is_read_back() -> None:
+    import uuid
+
+    from shared.jobs.fields import (
+        DONE_BATCH_MAX,
+        JobRow,
+        done_messages,
+        hot_copy,
+        read_done_messages,
+    )
+
+    rows = [JobRow(uuid.uuid4(), "t1", "predict", "churn", 1) for _ in range(40)]
+    rows[3].result = {"text": "two\nlines"}  # a newline inside a result stays escaped
+    docs = [hot_copy(r) for r in rows]
+    docs[5] = "x" * 20_000  # too big to ride along: the id alone
+    docs[7:] = [d + " " * 3000 for d in docs[7:]]  # enough to need several messages
+    messages = done_messages(zip((r.id for r in rows), docs, strict=True))
+    assert 1 < len(messages) < len(rows)
+    assert all(len(m) <= DONE_BATCH_MAX for m in messages)
+    read = [entry for m in messages for entry in read_done_messages(m.encode())]
+    assert read == [
+        (str(r.id), None if i == 5 else d.encode())
+        for i, (r, d) in enumerate(zip(rows, docs, strict=True))
+    ]
+
+
 def test_every_task_the_broker_names_or_beat_schedules_is_registered_by_the_workers() -> None:
     from shared.broker import CALLBACK_TASK, TASK_FOR_TYPE
     from shared.config import get_settings

@@ -3,7 +3,7 @@ the two messages that carry it.
 
 Every place that writes or shows a job takes its fields from here: the API's ``INSERT``
 (``INSERTED``), the worker's claim (``CLAIMED``), the hot copy in Redis (``hot_copy``),
-the done message that wakes long-polls (``done_message`` / ``read_done_message``), the
+the done messages that wake long-polls (``done_messages`` / ``read_done_messages``), the
 API's answers (``view`` with ``VIEW_FIELDS``, ``ACCEPTED_FIELDS``, ``SUMMARY_FIELDS``) and
 the OpenAPI schemas of ``api.schemas`` (a test holds them to the same fields).
 """
@@ -41,8 +41,11 @@ __all__ = [
     "hot_copy",
     "DONE_CHANNEL",
     "DONE_PAYLOAD_MAX",
+    "DONE_BATCH_MAX",
     "done_message",
     "read_done_message",
+    "done_messages",
+    "read_done_messages",
 ]
 
 
@@ -218,6 +221,8 @@ def hot_copy(job: Job | JobRow) -> str:
 DONE_CHANNEL = "done"
 #: Hot copies up to this size ride along in the done message.
 DONE_PAYLOAD_MAX = 16 * 1024
+#: A done message carries the lines of several jobs up to this size.
+DONE_BATCH_MAX = 64 * 1024
 _ID_LEN = 36
 
 
@@ -230,3 +235,29 @@ def done_message(job_id: uuid.UUID, doc: str) -> str:
 def read_done_message(data: bytes) -> tuple[str, bytes | None]:
     """(job id, hot copy or None) from a done message."""
     return data[:_ID_LEN].decode(), data[_ID_LEN + 1 :] or None
+
+
+def done_messages(entries: Iterable[tuple[uuid.UUID, str]]) -> list[str]:
+    """The done messages of several jobs (id, hot copy) that ended together: their
+    ``done_message`` lines, joined by newlines into messages of at most
+    ``DONE_BATCH_MAX`` characters (a line longer than that goes alone). One publish per
+    batch of jobs, not per job: each message costs Redis a fan-out and every API process
+    a parse. A hot copy is ``json.dumps`` output, which never holds a raw newline."""
+    out: list[str] = []
+    lines: list[str] = []
+    size = 0
+    for job_id, doc in entries:
+        line = done_message(job_id, doc)
+        if lines and size + 1 + len(line) > DONE_BATCH_MAX:
+            out.append("\n".join(lines))
+            lines, size = [], 0
+        lines.append(line)
+        size += len(line) + (1 if size else 0)
+    if lines:
+        out.append("\n".join(lines))
+    return out
+
+
+def read_done_messages(data: bytes) -> list[tuple[str, bytes | None]]:
+    """Every (job id, hot copy or None) of a message from ``done_messages``."""
+    return [read_done_message(line) for line in data.split(b"\n")]

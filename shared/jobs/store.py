@@ -30,7 +30,7 @@ from shared.jobs.fields import (
     JobRow,
     JobStatus,
     column_list,
-    done_message,
+    done_messages,
     from_claimed,
     hot_copy,
 )
@@ -75,11 +75,14 @@ def mirror(redis: Redis, jobs: Sequence[Job | JobRow], *, pipe: Any = None) -> N
     p = pipe if pipe is not None else redis.pipeline(transaction=False)
     ended = [j for j in jobs if j.status in TERMINAL]
     record_ended(p, ended)
+    done: list[tuple[uuid.UUID, str]] = []
     for job in jobs:
         doc = hot_copy(job)
         p.set(settings.key("job", job.id), doc, ex=settings.result_ttl_s)
         if job.status in TERMINAL:
-            p.publish(settings.key(DONE_CHANNEL), done_message(job.id, doc))
+            done.append((job.id, doc))
+    for message in done_messages(done):
+        p.publish(settings.key(DONE_CHANNEL), message)
     if pipe is None:
         p.execute()
     if ended:
