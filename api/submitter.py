@@ -229,10 +229,13 @@ class GroupCommitter:
             log.error("could not record %d jobs: %r", len(jobs), exc)
             # The INSERT may have committed before its answer was lost.
             return await self._take_back(jobs, DatabaseUnavailableError(str(exc) or "lost"))
-        recorded = {uuid.UUID(str(r[0])) for r in returned}
-        accepted = [j for j in jobs if j.id in recorded]
+        recorded = {str(r[0]) for r in returned}  # uuid columns come back as text
+        keys = {j.id: str(j.id) for j in jobs}
+        accepted = [j for j in jobs if keys[j.id] in recorded]
         outcomes = {
-            j.id: IdempotencyKeyTakenError(j.idempotency_key) for j in jobs if j.id not in recorded
+            j.id: IdempotencyKeyTakenError(j.idempotency_key)
+            for j in jobs
+            if keys[j.id] not in recorded
         }
         try:
             await self._announce(accepted)
@@ -248,7 +251,7 @@ class GroupCommitter:
         if not conn.closed:
             self._idle.append(conn)
         for j in accepted:
-            waiter.accepted(str(j.id), j.tenant)
+            waiter.accepted(keys[j.id], j.tenant)
         return outcomes
 
     async def _announce(self, jobs: list[JobRow]) -> None:

@@ -92,7 +92,8 @@ class Waiter:
 
         async def ended(timeout: float) -> bytes | bool:
             try:
-                await asyncio.wait_for(event.wait(), timeout)
+                async with asyncio.timeout(timeout):  # no task of its own, as wait_for makes
+                    await event.wait()
             except TimeoutError:
                 return False
             return event.doc or True
