@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 from redis.asyncio import Redis
 
 from shared.config import get_settings
-from shared.jobs.fields import DONE_CHANNEL, read_done_messages
+from shared.jobs.fields import DONE_CHANNEL, LEGACY_DONE_CHANNEL, read_done_messages
 
 __all__ = ["Waiter", "waiter", "RECENT_JOBS", "RECENT_BYTES"]
 
@@ -117,11 +117,11 @@ class Waiter:
                 await self._task
 
     async def _listen(self, redis: Redis) -> None:
-        channel = get_settings().key(DONE_CHANNEL)
+        channels = [get_settings().key(c) for c in (DONE_CHANNEL, LEGACY_DONE_CHANNEL)]
         while True:
             try:
                 async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(channel)
+                    await pubsub.subscribe(*channels)
                     async for message in pubsub.listen():
                         for job_id, doc in read_done_messages(message["data"]):
                             if doc is not None:

@@ -40,6 +40,7 @@ __all__ = [
     "public_view",
     "hot_copy",
     "DONE_CHANNEL",
+    "LEGACY_DONE_CHANNEL",
     "DONE_PAYLOAD_MAX",
     "DONE_BATCH_MAX",
     "done_message",
@@ -217,8 +218,15 @@ def hot_copy(job: Job | JobRow) -> str:
     return json.dumps({"tenant": job.tenant, "view": public_view(job)})
 
 
-#: Redis pub/sub channel on which each job that reaches a terminal state is announced.
-DONE_CHANNEL = "done"
+#: Redis pub/sub channel on which the jobs that reach a terminal state are announced,
+#: a message per batch of them (``done_messages``).
+DONE_CHANNEL = "ended"
+#: The channel of earlier versions, a message per job, which ``read_done_messages`` also
+#: reads: the API still listens on it, so during a rolling upgrade a worker not yet
+#: upgraded wakes an upgraded API's long-polls. A batch goes on a channel of its own,
+#: which an API not yet upgraded does not hear (it would take a batch for one job with a
+#: hot copy it cannot parse): its long-polls wait their ``wait`` out, then read the job.
+LEGACY_DONE_CHANNEL = "done"
 #: Hot copies up to this size ride along in the done message.
 DONE_PAYLOAD_MAX = 16 * 1024
 #: A done message carries the lines of several jobs up to this size.
