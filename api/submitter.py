@@ -3,7 +3,7 @@
 Requests hand their job rows to the committer and wait. Whatever has arrived by the end of
 the current event-loop turn becomes a batch, never waiting for more: idle, a request is a
 batch of one. A batch is recorded in one autocommitted multi-row ``INSERT`` (one round
-trip, durable before it answers), then announced in one Redis pipeline: the hot copies of
+trip, durable before it answers), then announced in one Redis script call: the hot copies of
 the new jobs and, for predict jobs, their pending ids and the doorbell (see
 ``shared.batching.pending``). Only if the doorbell was down, or for job types that are not
 micro-batched, does a Celery message go out. Only then are the requests answered 202.
@@ -31,17 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
 import psycopg2.errors
+from redis.commands.core import AsyncScript
 
 from api.deps import redis_async
 from api.pgasync import AsyncConnection
 from api.waiter import waiter
-from shared.batching.pending import BELL_TTL_MS, bell_key, push_pending
+from shared.batching.pending import ANNOUNCE, announce_args, bell_key
 from shared.broker import enqueue
 from shared.config import get_settings
 from shared.db import libpq_dsn
@@ -254,22 +256,24 @@ class GroupCommitter:
             waiter.accepted(keys[j.id], j.tenant)
         return outcomes
 
+    @staticmethod
+    @functools.cache
+    def _announce_script() -> AsyncScript:
+        return redis_async().register_script(ANNOUNCE)
+
     async def _announce(self, jobs: list[JobRow]) -> None:
         """Hot copies (SET NX: a worker that already wrote the terminal copy wins) and the
-        doorbell in one pipeline; a Celery message only where one is needed."""
+        doorbell in one script call (``ANNOUNCE``); a Celery message only where one is
+        needed."""
         if not jobs:
             return
         settings = get_settings()
         predict = [j for j in jobs if j.type == JobType.PREDICT]
-        pipe = redis_async().pipeline(transaction=False)
-        for j in jobs:
-            pipe.set(settings.key("job", j.id), hot_copy(j), ex=settings.result_ttl_s, nx=True)
-        if predict:
-            # Pending ids first, doorbell after: the order the protocol needs.
-            push_pending(pipe, [(j.id, j.priority) for j in predict])
-            pipe.set(bell_key(), "1", nx=True, px=BELL_TTL_MS)
-        replies = await pipe.execute()
-        rang = bool(predict) and bool(replies[-1])
+        hot = [(settings.key("job", j.id), hot_copy(j)) for j in jobs]
+        keys, args = announce_args(
+            hot, settings.result_ttl_s, [(j.id, j.priority) for j in predict]
+        )
+        rang = bool(await self._announce_script()(keys=keys, args=args))
         send = [(j.id, j.type, j.priority) for j in jobs if j.type != JobType.PREDICT]
         if rang:
             send += [(j.id, j.type, j.priority) for j in predict]

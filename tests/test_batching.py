@@ -388,3 +388,40 @@ def test_predictions_go_on_when_the_prediction_cache_is_down(stack: Stack) -> No
     stats = Redis.from_url(os.environ["INFERQ_REDIS_URL"]).pipeline(transaction=False)
     preds = _predict(model, [ROW, {**ROW, "support_tickets": 9}], dead, stats)
     assert len(preds) == 2 and all(0 <= p["score"] <= 1 for p in preds)
+
+
+def test_the_announce_script_keeps_hot_copies_it_finds_and_rings_the_doorbell_once() -> None:
+    """The API's one call after a commit: hot copies SET NX, the pending ids in order on
+    their priority's list, the wake token, and the doorbell raised only if it was down
+    (on keys of the test's own, so no worker of the suite's stack sees them)."""
+    from shared.batching.pending import ANNOUNCE, PENDING_TTL_S, announce_args
+
+    redis = _redis()
+    prefix = get_settings().redis_prefix
+    script = redis.register_script(ANNOUNCE)
+
+    def own(keys: list[str]) -> list[str]:
+        return [k.replace(f"{prefix}:", f"{prefix}-announce-test:", 1) for k in keys]
+
+    normal, high = [uuid.uuid4() for _ in range(3)], [uuid.uuid4()]
+    hot = [(f"{prefix}:job:a", '{"v": 1}'), (f"{prefix}:job:b", '{"v": 2}')]
+    keys, args = announce_args(hot, 60, [(i, "normal") for i in normal] + [(high[0], "high")])
+    keys = own(keys)
+    later, later_args = announce_args([], 60, [(uuid.uuid4(), "low")])
+    later = own(later)
+    try:
+        redis.set(keys[3], '{"v": "terminal"}')  # a worker wrote job b's end first
+        assert script(keys=keys, args=args) == 1  # the doorbell was down: send a message
+        # Hot copies alone (score and train jobs) never touch the doorbell.
+        assert script(keys=keys[:4], args=[2, 60, PENDING_TTL_S, 2000, "x", "y"]) == 0
+        assert script(keys=later, args=later_args) == 0  # the doorbell is up: no message
+        assert redis.get(keys[2]) == b'{"v": 1}' and redis.ttl(keys[2]) > 0
+        assert redis.get(keys[3]) == b'{"v": "terminal"}'
+        lists = {k: [uuid.UUID(v.decode()) for v in redis.lrange(k, 0, -1)] for k in keys[4:]}
+        assert sorted(lists.values(), key=len) == [high, normal]
+        assert all(0 < redis.ttl(k) <= PENDING_TTL_S for k in keys[4:])
+        assert redis.llen(later[-1]) == 1
+        assert redis.lrange(keys[1], 0, -1) == [b"1"]  # one wake token, however many pushes
+        assert 0 < redis.pttl(keys[0]) <= 2000
+    finally:
+        redis.delete(*keys, *later)

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "bell_key",
     "push_pending",
+    "ANNOUNCE",
+    "announce_args",
     "pop_pending",
     "wait_pending",
     "mirror_and_pop",
@@ -142,6 +144,58 @@ def push_pending(pipe: Any, jobs: Iterable[tuple[uuid.UUID, str]]) -> None:
     pipe.rpush(_wake_key(), "1")
     pipe.ltrim(_wake_key(), 0, 0)
     pipe.expire(_wake_key(), PENDING_TTL_S)
+
+
+# What the API sends once a batch of jobs is committed, as one script call: their hot
+# copies (SET NX: a worker that already wrote the terminal copy wins), then for predict
+# jobs the pending ids, the wake token and, last, the doorbell (the order the protocol
+# needs, and atomic besides). One command, not seven for a batch of one: the pipeline's
+# per-command cost was most of the API's Redis time at low load.
+# KEYS: 1 the doorbell, 2 the wake list, then ARGV[1] hot-copy keys, then the pending
+# lists. ARGV: 1 how many hot copies, 2 their lifetime (s), 3 the pending lists' lifetime
+# (s), 4 the doorbell's (ms), then the hot copies, then for each pending list the number
+# of its ids followed by them. Returns 1 if this call raised the doorbell, else 0.
+ANNOUNCE = """
+local h = tonumber(ARGV[1])
+for i = 1, h do
+  redis.call('SET', KEYS[2 + i], ARGV[4 + i], 'EX', ARGV[2], 'NX')
+end
+if #KEYS == 2 + h then
+  return 0
+end
+local a = 5 + h
+for k = 3 + h, #KEYS do
+  local n = tonumber(ARGV[a])
+  for i = a + 1, a + n, 1000 do
+    redis.call('RPUSH', KEYS[k], unpack(ARGV, i, math.min(i + 999, a + n)))
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[3])
+  a = a + 1 + n
+end
+redis.call('RPUSH', KEYS[2], '1')
+redis.call('LTRIM', KEYS[2], 0, 0)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[4]) then
+  return 1
+end
+return 0
+"""
+
+
+def announce_args(
+    hot: Sequence[tuple[str, str]], hot_ttl_s: int, jobs: Iterable[tuple[uuid.UUID, str]]
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of ``ANNOUNCE`` for hot copies (key, document) kept ``hot_ttl_s``
+    and committed predict jobs' (id, priority)."""
+    by_priority: dict[str, list[str]] = {}
+    for job_id, priority in jobs:
+        key = _pending_key(priority if priority in _PRIORITY_ORDER else Priority.NORMAL)
+        by_priority.setdefault(key, []).append(str(job_id))
+    keys = [bell_key(), _wake_key(), *(k for k, _ in hot), *by_priority]
+    args: list[Any] = [len(hot), hot_ttl_s, PENDING_TTL_S, BELL_TTL_MS, *(d for _, d in hot)]
+    for ids in by_priority.values():
+        args += [len(ids), *ids]
+    return keys, args
 
 
 def _pop_args(task_id: str, limit: int, last: bool) -> tuple[list[str], list[Any]]:
