@@ -195,6 +195,27 @@ def test_gradient_boosted_trees_walk_compiled_to_the_same_bits(train, rows) -> N
             assert np.array_equal(out.scores, pipeline.predict_proba(probe)[:, 1])
 
 
+def test_the_compiled_walk_gives_the_same_sums_for_any_number_of_rows_and_stump_trees() -> None:
+    """Rows are walked down a tree in groups of ``LANES``: a last group short of it, a
+    single row, and trees that are a single leaf give scikit-learn's raw sums too."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    from shared.models.trees import LANES, compiled
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 4))
+    X[::7, 1] = np.nan
+    y = X[:, 0] * 2 + np.nan_to_num(X[:, 1]) + rng.normal(size=400)
+    deep = HistGradientBoostingRegressor(max_iter=12).fit(X, y)
+    stumps = HistGradientBoostingRegressor(max_iter=3, min_samples_leaf=300).fit(X, y)
+    assert all(p.nodes["is_leaf"].all() for it in stumps._predictors for p in it)
+    for estimator in (deep, stumps):
+        fast = compiled(estimator)
+        assert fast is not None
+        for n in (1, LANES - 1, LANES, LANES + 1, 3 * LANES + 5):
+            assert np.array_equal(fast._raw_predict(X[:n]), estimator._raw_predict(X[:n]))
+
+
 def test_trees_with_a_categorical_split_keep_scikit_learns_walk(train, rows) -> None:
     ordinal = ColumnTransformer([("cat", OrdinalEncoder(), STRINGS)], remainder="passthrough")
     gbt = HistGradientBoostingClassifier(max_iter=10, categorical_features=[0, 1])
