@@ -951,7 +951,7 @@ def report(run: Run) -> str:  # noqa: C901 - one section per phase, each optiona
                 out.append("      " + cpu_note(two.cpu) + " (spawn and pickling included)")
         if two is not None and job.get("status") == "succeeded":
             out.append(
-                f"  inferq score rows/s = {n / s.seconds / two.rate:.0%} of the 2-process bare "
+                f"  inferq score rows/s = {n / s.seconds / two.rate:.1%} of the 2-process bare "
                 f"throughput ({n / s.seconds:,.0f} / {two.rate:,.0f})"
             )
 
