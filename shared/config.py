@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     compiled_trees: bool = Field(
         True,
         description="Walk gradient-boosted trees in a loop compiled by numba where it gives "
-        "scikit-learn's bits (about 2x its predict; about 100 MB more per worker process).",
+        "scikit-learn's bits (1.7x its predict on a Xeon; about 100 MB more per worker process).",
     )
     prediction_cache_ttl_s: int = Field(
         3600, description="Content-addressed prediction cache in Redis; 0 turns it off."
