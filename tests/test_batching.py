@@ -240,15 +240,15 @@ def test_a_redelivered_message_retakes_what_its_first_run_held(
 def test_a_delivery_drains_for_a_bounded_time_then_hands_over(
     stack: Stack, client: httpx.Client
 ) -> None:
-    from shared.batching.pending import push_pending
+    from shared.batching.pending import ANNOUNCE, announce_args, bell_key
     from workers.tasks.predict import run
 
     _idle_workers()
     ids = [record_queued(client, {"inputs": [r]}) for r in _rows(3)]
     redis = _redis()
-    pipe = redis.pipeline()
-    push_pending(pipe, [(uuid.UUID(i), "normal") for i in ids])
-    pipe.execute()
+    keys, args = announce_args([], 60, [(uuid.UUID(i), "normal") for i in ids])
+    if redis.register_script(ANNOUNCE)(keys=keys, args=args):
+        redis.delete(bell_key())  # raised by this push: down again, only the task drains
     s = get_settings()
     saved = s.predict_drain_s, s.batch_max_jobs
     help_key = s.key("bell", "predict-help")

@@ -2,8 +2,8 @@
 
 Predict jobs are micro-batched, and the broker sees a message per busy spell, not per job:
 
-1. The API commits a batch of jobs, then in one Redis pipeline pushes the predict jobs'
-   ids on a pending list per priority (``push_pending``) and *then* sets the doorbell
+1. The API commits a batch of jobs, then in one Redis script call (``ANNOUNCE``) pushes
+   the predict jobs' ids on a pending list per priority and *then* sets the doorbell
    key (``SET NX``, ``BELL_TTL_MS``). Only if the doorbell was down does it send a
    Celery message (carrying the batch's ids).
 2. The worker that takes the message drains: it pops up to ``INFERQ_BATCH_MAX_JOBS``
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "bell_key",
-    "push_pending",
     "ANNOUNCE",
     "announce_args",
     "pop_pending",
@@ -128,22 +127,6 @@ def _wake_key() -> str:
 
 def _inflight_key(task_id: str) -> str:
     return get_settings().key("pending", "predict", "inflight", task_id)
-
-
-def push_pending(pipe: Any, jobs: Iterable[tuple[uuid.UUID, str]]) -> None:
-    """Queue committed predict jobs' (id, priority) and wake a waiting worker, in a
-    pipeline that sets the doorbell *afterwards*."""
-    by_priority: dict[str, list[str]] = {}
-    for job_id, priority in jobs:
-        by_priority.setdefault(priority, []).append(str(job_id))
-    for priority, ids in by_priority.items():
-        key = _pending_key(priority if priority in _PRIORITY_ORDER else Priority.NORMAL)
-        pipe.rpush(key, *ids)
-        pipe.expire(key, PENDING_TTL_S)
-    # One token is enough to wake a waiter; the next pop clears it.
-    pipe.rpush(_wake_key(), "1")
-    pipe.ltrim(_wake_key(), 0, 0)
-    pipe.expire(_wake_key(), PENDING_TTL_S)
 
 
 # What the API sends once a batch of jobs is committed, as one script call: their hot
